@@ -1,0 +1,507 @@
+"""Read detectron2 ``config.yaml`` files without detectron2.
+
+A detectron2 model is described by a yacs config: the ``config.yaml`` detectron2 writes beside its
+checkpoints (a full dump, no ``_BASE_``), or a model-zoo style file that names a base config with
+``_BASE_: "../Base-RCNN-FPN.yaml"``. This module
+
+* loads such a file with ``yaml.safe_load``, resolving ``_BASE_`` chains from disk or, when the base
+  is one of detectron2's model-zoo files and is not on disk, from the small copies bundled below
+  (:data:`BUNDLED_CONFIGS`, written from detectron2's ``configs/`` folder);
+* merges detectron2's defaults (``detectron2/config/defaults.py``) for the keys that decide the
+  network and its test-time behaviour (:data:`D2_DEFAULTS`);
+* turns the result into the project's :class:`~napari_sartorius.models.config.ModelConfig`
+  (:func:`config_to_model_config`), choosing one of the six architectures, and raises
+  :class:`UnsupportedConfigError` naming the option for anything the project cannot rebuild.
+
+Config dicts here are plain nested ``dict`` objects with detectron2's upper-case keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+__all__ = [
+    "UnsupportedConfigError",
+    "D2_DEFAULTS",
+    "BUNDLED_CONFIGS",
+    "load_d2_config",
+    "merge_d2_configs",
+    "d2_architecture",
+    "check_supported",
+    "config_to_model_config",
+]
+
+
+class UnsupportedConfigError(ValueError):
+    """A detectron2 config uses an option the project cannot rebuild (the message names it)."""
+
+
+# Detectron2's defaults (detectron2/config/defaults.py, v0.6 and later) for every key this module
+# reads. Keys not listed here are carried through from the file but never interpreted.
+D2_DEFAULTS: dict[str, Any] = {
+    "VERSION": 2,
+    "MODEL": {
+        "META_ARCHITECTURE": "GeneralizedRCNN",
+        "MASK_ON": False,
+        "KEYPOINT_ON": False,
+        "LOAD_PROPOSALS": False,
+        "PIXEL_MEAN": [103.530, 116.280, 123.675],
+        "PIXEL_STD": [1.0, 1.0, 1.0],
+        "BACKBONE": {"NAME": "build_resnet_backbone", "FREEZE_AT": 2},
+        "FPN": {"IN_FEATURES": [], "OUT_CHANNELS": 256, "NORM": "", "FUSE_TYPE": "sum"},
+        "PROPOSAL_GENERATOR": {"NAME": "RPN", "MIN_SIZE": 0},
+        "ANCHOR_GENERATOR": {
+            "NAME": "DefaultAnchorGenerator",
+            "SIZES": [[32, 64, 128, 256, 512]],
+            "ASPECT_RATIOS": [[0.5, 1.0, 2.0]],
+            "ANGLES": [[-90, 0, 90]],
+            "OFFSET": 0.0,
+        },
+        "RPN": {
+            "HEAD_NAME": "StandardRPNHead",
+            "IN_FEATURES": ["res4"],
+            "BOUNDARY_THRESH": -1,
+            "IOU_THRESHOLDS": [0.3, 0.7],
+            "BATCH_SIZE_PER_IMAGE": 256,
+            "POSITIVE_FRACTION": 0.5,
+            "BBOX_REG_WEIGHTS": [1.0, 1.0, 1.0, 1.0],
+            "PRE_NMS_TOPK_TRAIN": 12000,
+            "PRE_NMS_TOPK_TEST": 6000,
+            "POST_NMS_TOPK_TRAIN": 2000,
+            "POST_NMS_TOPK_TEST": 1000,
+            "NMS_THRESH": 0.7,
+            "CONV_DIMS": [-1],
+        },
+        "ROI_HEADS": {
+            "NAME": "Res5ROIHeads",
+            "NUM_CLASSES": 80,
+            "IN_FEATURES": ["res4"],
+            "IOU_THRESHOLDS": [0.5],
+            "BATCH_SIZE_PER_IMAGE": 512,
+            "POSITIVE_FRACTION": 0.25,
+            "SCORE_THRESH_TEST": 0.05,
+            "NMS_THRESH_TEST": 0.5,
+        },
+        "ROI_BOX_HEAD": {
+            "NAME": "",
+            "BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+            "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 0,
+            "POOLER_TYPE": "ROIAlignV2",
+            "NUM_FC": 0,
+            "FC_DIM": 1024,
+            "NUM_CONV": 0,
+            "CONV_DIM": 256,
+            "NORM": "",
+            "CLS_AGNOSTIC_BBOX_REG": False,
+            "USE_FED_LOSS": False,
+            "USE_SIGMOID_CE": False,
+        },
+        "ROI_BOX_CASCADE_HEAD": {
+            "BBOX_REG_WEIGHTS": [
+                [10.0, 10.0, 5.0, 5.0],
+                [20.0, 20.0, 10.0, 10.0],
+                [30.0, 30.0, 15.0, 15.0],
+            ],
+            "IOUS": [0.5, 0.6, 0.7],
+        },
+        "ROI_MASK_HEAD": {
+            "NAME": "MaskRCNNConvUpsampleHead",
+            "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 0,
+            "NUM_CONV": 0,
+            "CONV_DIM": 256,
+            "NORM": "",
+            "CLS_AGNOSTIC_MASK": False,
+            "POOLER_TYPE": "ROIAlignV2",
+        },
+        "RESNETS": {
+            "DEPTH": 50,
+            "OUT_FEATURES": ["res4"],
+            "NUM_GROUPS": 1,
+            "NORM": "FrozenBN",
+            "WIDTH_PER_GROUP": 64,
+            "STRIDE_IN_1X1": True,
+            "RES5_DILATION": 1,
+            "RES2_OUT_CHANNELS": 256,
+            "STEM_OUT_CHANNELS": 64,
+            "DEFORM_ON_PER_STAGE": [False, False, False, False],
+            "DEFORM_MODULATED": False,
+            "DEFORM_NUM_GROUPS": 1,
+        },
+    },
+    "INPUT": {
+        "MIN_SIZE_TRAIN": [800],
+        "MAX_SIZE_TRAIN": 1333,
+        "MIN_SIZE_TEST": 800,
+        "MAX_SIZE_TEST": 1333,
+        "FORMAT": "BGR",
+    },
+    "TEST": {"DETECTIONS_PER_IMAGE": 100, "AUG": {"ENABLED": False}},
+}
+
+_BASE_RCNN_FPN = {
+    "MODEL": {
+        "META_ARCHITECTURE": "GeneralizedRCNN",
+        "BACKBONE": {"NAME": "build_resnet_fpn_backbone"},
+        "RESNETS": {"OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
+        "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"]},
+        "ANCHOR_GENERATOR": {"SIZES": [[32], [64], [128], [256], [512]], "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]},
+        "RPN": {
+            "IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"],
+            "PRE_NMS_TOPK_TRAIN": 2000,
+            "PRE_NMS_TOPK_TEST": 1000,
+            "POST_NMS_TOPK_TRAIN": 1000,
+            "POST_NMS_TOPK_TEST": 1000,
+        },
+        "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"]},
+        "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
+        "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+    },
+    "INPUT": {"MIN_SIZE_TRAIN": [640, 672, 704, 736, 768, 800]},
+    "VERSION": 2,
+}
+
+_BASE_RCNN_C4 = {
+    "MODEL": {
+        "META_ARCHITECTURE": "GeneralizedRCNN",
+        "RPN": {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
+        "ROI_HEADS": {"NAME": "Res5ROIHeads"},
+    },
+    "INPUT": {"MIN_SIZE_TRAIN": [640, 672, 704, 736, 768, 800]},
+    "VERSION": 2,
+}
+
+# The model-zoo configs of the six architectures (and their bases), reduced to the model keys; the
+# solver/dataset keys of the originals do not change the network. Paths as in detectron2's configs/.
+BUNDLED_CONFIGS: dict[str, dict] = {
+    "Base-RCNN-FPN.yaml": _BASE_RCNN_FPN,
+    "Base-RCNN-C4.yaml": _BASE_RCNN_C4,
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml": {
+        "_BASE_": "../Base-RCNN-C4.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 50}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml": {
+        "_BASE_": "../Base-RCNN-C4.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 50}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_R_101_C4_3x.yaml": {
+        "_BASE_": "../Base-RCNN-C4.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 101}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 50}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 50}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {"MASK_ON": True, "RESNETS": {"DEPTH": 101}},
+    },
+    "COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {
+            "MASK_ON": True,
+            "PIXEL_STD": [57.375, 57.120, 58.395],
+            "RESNETS": {"STRIDE_IN_1X1": False, "NUM_GROUPS": 32, "WIDTH_PER_GROUP": 8, "DEPTH": 101},
+        },
+    },
+    "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {
+            "MASK_ON": True,
+            "RESNETS": {"DEPTH": 50},
+            "ROI_HEADS": {"NAME": "CascadeROIHeads"},
+            "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
+            "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
+        },
+    },
+    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {
+            "MASK_ON": True,
+            "RESNETS": {"DEPTH": 50},
+            "ROI_HEADS": {"NAME": "CascadeROIHeads"},
+            "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
+            "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
+        },
+    },
+    "Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml": {
+        "_BASE_": "../Base-RCNN-FPN.yaml",
+        "MODEL": {
+            "MASK_ON": True,
+            "RESNETS": {
+                "STRIDE_IN_1X1": False,
+                "NUM_GROUPS": 32,
+                "WIDTH_PER_GROUP": 8,
+                "DEPTH": 152,
+                "DEFORM_ON_PER_STAGE": [False, True, True, True],
+            },
+            "ROI_HEADS": {"NAME": "CascadeROIHeads"},
+            "ROI_BOX_HEAD": {
+                "NAME": "FastRCNNConvFCHead",
+                "NUM_CONV": 4,
+                "NUM_FC": 1,
+                "NORM": "GN",
+                "CLS_AGNOSTIC_BBOX_REG": True,
+            },
+            "ROI_MASK_HEAD": {"NUM_CONV": 8, "NORM": "GN"},
+            "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
+        },
+        "INPUT": {"MIN_SIZE_TRAIN": [640, 864], "MAX_SIZE_TRAIN": 1440},
+    },
+}
+
+_MAX_BASE_DEPTH = 16
+
+
+def _decode_value(value: Any) -> Any:
+    """Decode a YAML value as yacs does: strings that are Python literals become the literal.
+
+    ``"(0.5, 0.6, 0.7)"`` -> ``[0.5, 0.6, 0.7]``, ``"1e-3"`` -> ``0.001``; other strings stay strings.
+    Tuples become lists so that merged configs compare equal to dumped ones.
+    """
+    if isinstance(value, dict):
+        return {k: _decode_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_decode_value(v) for v in value]
+    if isinstance(value, str):
+        try:
+            lit = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return value
+        if isinstance(lit, (int, float, bool, list, tuple, dict)) or lit is None:
+            return _decode_value(lit) if isinstance(lit, (list, tuple, dict)) else lit
+        return value
+    return value
+
+
+def merge_d2_configs(base: Mapping, override: Mapping) -> dict:
+    """Return a deep copy of ``base`` with ``override`` merged into it (``override`` wins).
+
+    Nested dicts merge key by key, any other value is replaced whole (detectron2's rule: a list in the
+    child replaces the base's list).
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_d2_configs(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _bundled_key(name: str) -> str | None:
+    """The :data:`BUNDLED_CONFIGS` key a base path such as ``../Base-RCNN-FPN.yaml`` refers to."""
+    parts = [p for p in Path(name.replace("\\", "/")).parts if p not in ("..", ".", "/")]
+    for n in (2, 1):
+        if len(parts) >= n:
+            key = "/".join(parts[-n:])
+            if key in BUNDLED_CONFIGS:
+                return key
+    return None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read detectron2 config {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML ({exc}); pass the config.yaml written by detectron2") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a detectron2 config (a YAML mapping at the top level)")
+    return data
+
+
+def _load_with_bases(source: str | Path, depth: int, chain: tuple[str, ...]) -> dict:
+    """Load one config (file path or bundled name) with its ``_BASE_`` chain merged in."""
+    if depth > _MAX_BASE_DEPTH:
+        raise ValueError(f"_BASE_ chain deeper than {_MAX_BASE_DEPTH}: {' -> '.join(chain)}")
+    path = Path(os.path.expanduser(str(source)))
+    bundled = None
+    if path.is_file():
+        if path.suffix == ".py":
+            raise UnsupportedConfigError(
+                f"{path} is a detectron2 LazyConfig (.py); only yacs YAML configs are supported. "
+                "Dump the config as YAML (detectron2 writes config.yaml beside its checkpoints)"
+            )
+        data = _read_yaml(path)
+        where = str(path.resolve())
+    else:
+        bundled = _bundled_key(str(source))
+        if bundled is None:
+            hint = ", ".join(sorted(BUNDLED_CONFIGS))
+            raise FileNotFoundError(
+                f"detectron2 config {source} not found"
+                + (f" (base of {chain[-1]})" if chain else "")
+                + f"; give a path to a config.yaml, or one of the bundled model-zoo names: {hint}"
+            )
+        data = copy.deepcopy(BUNDLED_CONFIGS[bundled])
+        where = f"<bundled {bundled}>"
+    if where in chain:
+        raise ValueError(f"_BASE_ cycle: {' -> '.join(chain + (where,))}")
+    base_name = data.pop("_BASE_", None)
+    data = _decode_value(data)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ValueError(f"_BASE_ in {where} must be one file name, got {base_name!r}")
+    if base_name.startswith(("http://", "https://")):
+        raise UnsupportedConfigError(f"_BASE_ {base_name!r} in {where} is a URL; download it next to the config")
+    base_name = os.path.expanduser(base_name)
+    if bundled is not None:
+        # A bundled file's relative base is another bundled file.
+        base_src: str | Path = str(Path(bundled).parent / base_name)
+    elif os.path.isabs(base_name):
+        base_src = Path(base_name)
+    else:
+        base_src = path.parent / base_name
+    base = _load_with_bases(base_src, depth + 1, chain + (where,))
+    return merge_d2_configs(base, data)
+
+
+def load_d2_config(path: str | Path) -> dict:
+    """Read a detectron2 yacs config, resolve ``_BASE_`` and merge detectron2's defaults.
+
+    Args:
+        path: a ``config.yaml`` on disk, or a model-zoo name such as
+            ``"COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"`` (see :data:`BUNDLED_CONFIGS`).
+            A relative ``_BASE_`` is looked up beside the file first, then among the bundled configs.
+
+    Returns:
+        A nested dict with detectron2's upper-case keys; every key of :data:`D2_DEFAULTS` is present.
+
+    Raises:
+        FileNotFoundError: the file (or a base) exists neither on disk nor among the bundled configs.
+        ValueError: the file is not YAML or not a mapping, or the ``_BASE_`` chain loops.
+        UnsupportedConfigError: a LazyConfig ``.py`` file or a URL base.
+    """
+    data = _load_with_bases(path, 0, ())
+    return merge_d2_configs(D2_DEFAULTS, data)
+
+
+def _get(cfg: Mapping, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+#: The six architectures, named as in detectron2's model zoo.
+ARCHITECTURES = (
+    "mask_rcnn_R_50_C4",
+    "mask_rcnn_R_50_FPN",
+    "mask_rcnn_R_101_C4",
+    "mask_rcnn_R_101_FPN",
+    "mask_rcnn_X_101_32x8d_FPN",
+    "cascade_mask_rcnn_X_152_32x8d_FPN",
+)
+
+
+def _unsupported(option: str, value: Any, supported: str, where: str = "") -> UnsupportedConfigError:
+    src = f" in {where}" if where else ""
+    return UnsupportedConfigError(
+        f"detectron2 option {option} = {value!r}{src} is not supported (supported: {supported})"
+    )
+
+
+def _expect(cfg: Mapping, option: str, allowed: Sequence, supported: str | None = None) -> Any:
+    value = _get(cfg, option)
+    if value not in allowed:
+        raise _unsupported(option, value, supported or " or ".join(repr(a) for a in allowed))
+    return value
+
+
+def d2_architecture(cfg: Mapping) -> str:
+    """Which of the six project architectures a loaded detectron2 config describes.
+
+    Checks the options that decide the network's structure (not the project-side details such as
+    normalisation layers, which :func:`check_supported` checks) and raises
+    :class:`UnsupportedConfigError` naming the first option that none of the six architectures has.
+
+    Args:
+        cfg: a config from :func:`load_d2_config` (defaults merged).
+
+    Returns:
+        One of :data:`ARCHITECTURES`.
+    """
+    m = "MODEL."
+    _expect(cfg, m + "META_ARCHITECTURE", ["GeneralizedRCNN"], "GeneralizedRCNN (Mask R-CNN)")
+    if _get(cfg, m + "MASK_ON") is not True:
+        raise _unsupported(m + "MASK_ON", _get(cfg, m + "MASK_ON"), "True; a box-only Faster R-CNN has no masks")
+    _expect(cfg, m + "KEYPOINT_ON", [False])
+    _expect(cfg, m + "LOAD_PROPOSALS", [False])
+    _expect(cfg, m + "PROPOSAL_GENERATOR.NAME", ["RPN"])
+    _expect(cfg, m + "RPN.HEAD_NAME", ["StandardRPNHead"])
+    _expect(cfg, m + "ANCHOR_GENERATOR.NAME", ["DefaultAnchorGenerator"])
+    _expect(cfg, m + "ROI_MASK_HEAD.NAME", ["MaskRCNNConvUpsampleHead"])
+    _expect(cfg, m + "ROI_BOX_HEAD.USE_SIGMOID_CE", [False], "False (softmax classifier)")
+    _expect(cfg, m + "RESNETS.RES5_DILATION", [1], "1 (no DC5 dilation)")
+    if "RADIX" in cfg["MODEL"]["RESNETS"] and _get(cfg, m + "RESNETS.RADIX") not in (0, 1):
+        raise _unsupported(m + "RESNETS.RADIX", _get(cfg, m + "RESNETS.RADIX"), "1 (ResNeSt split attention is not built)")
+    fmt = _get(cfg, "INPUT.FORMAT")
+    if fmt not in ("BGR", "RGB"):
+        raise _unsupported("INPUT.FORMAT", fmt, "'BGR' or 'RGB' (3-channel input)")
+
+    backbone = _expect(
+        cfg, m + "BACKBONE.NAME", ["build_resnet_fpn_backbone", "build_resnet_backbone"],
+        "build_resnet_fpn_backbone (FPN) or build_resnet_backbone (C4)",
+    )
+    heads = _get(cfg, m + "ROI_HEADS.NAME")
+    depth = _get(cfg, m + "RESNETS.DEPTH")
+    groups = _get(cfg, m + "RESNETS.NUM_GROUPS")
+    width = _get(cfg, m + "RESNETS.WIDTH_PER_GROUP")
+    if (groups, width) == (1, 64):
+        body = {50: "R_50", 101: "R_101"}.get(depth)
+    elif (groups, width) == (32, 8):
+        body = {101: "X_101_32x8d", 152: "X_152_32x8d"}.get(depth)
+    else:
+        raise _unsupported(
+            m + "RESNETS.NUM_GROUPS/WIDTH_PER_GROUP", (groups, width), "(1, 64) for ResNet or (32, 8) for ResNeXt 32x8d"
+        )
+    if body is None:
+        raise _unsupported(m + "RESNETS.DEPTH", depth, "50 or 101 for ResNet, 101 or 152 for ResNeXt 32x8d")
+
+    if backbone == "build_resnet_backbone":
+        if heads != "Res5ROIHeads":
+            raise _unsupported(m + "ROI_HEADS.NAME", heads, "Res5ROIHeads with build_resnet_backbone (C4)")
+        _expect(cfg, m + "RESNETS.OUT_FEATURES", [["res4"]])
+        _expect(cfg, m + "RPN.IN_FEATURES", [["res4"]])
+        _expect(cfg, m + "ROI_HEADS.IN_FEATURES", [["res4"]])
+        arch = f"mask_rcnn_{body}_C4"
+    else:
+        levels = ["res2", "res3", "res4", "res5"]
+        _expect(cfg, m + "FPN.IN_FEATURES", [levels])
+        _expect(cfg, m + "FPN.FUSE_TYPE", ["sum"])
+        _expect(cfg, m + "RPN.IN_FEATURES", [["p2", "p3", "p4", "p5", "p6"]])
+        _expect(cfg, m + "ROI_HEADS.IN_FEATURES", [["p2", "p3", "p4", "p5"]])
+        _expect(cfg, m + "ROI_BOX_HEAD.NAME", ["FastRCNNConvFCHead"])
+        if heads == "StandardROIHeads":
+            arch = f"mask_rcnn_{body}_FPN"
+        elif heads == "CascadeROIHeads":
+            arch = f"cascade_mask_rcnn_{body}_FPN"
+        else:
+            raise _unsupported(m + "ROI_HEADS.NAME", heads, "StandardROIHeads or CascadeROIHeads with FPN")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedConfigError(
+            f"the detectron2 config describes {arch} (MODEL.RESNETS.DEPTH={depth}, NUM_GROUPS={groups}, "
+            f"WIDTH_PER_GROUP={width}, MODEL.ROI_HEADS.NAME={heads}), which is not one of the project's "
+            f"architectures: {', '.join(ARCHITECTURES)}"
+        )
+    return arch

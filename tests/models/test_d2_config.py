@@ -1,0 +1,165 @@
+"""detectron2 config reading without detectron2: _BASE_ chains, defaults, unsupported options."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from napari_sartorius.models.d2_config import (
+    BUNDLED_CONFIGS,
+    D2_DEFAULTS,
+    UnsupportedConfigError,
+    d2_architecture,
+    load_d2_config,
+    merge_d2_configs,
+)
+
+
+def _write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_bundled_model_zoo_name_resolves_its_base():
+    cfg = load_d2_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    assert cfg["MODEL"]["BACKBONE"]["NAME"] == "build_resnet_fpn_backbone"
+    assert cfg["MODEL"]["ANCHOR_GENERATOR"]["SIZES"] == [[32], [64], [128], [256], [512]]
+    assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == "StandardROIHeads"
+    assert cfg["MODEL"]["MASK_ON"] is True
+    # defaults merged for keys neither file sets
+    assert cfg["MODEL"]["PIXEL_MEAN"] == [103.530, 116.280, 123.675]
+    assert cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 80
+    assert cfg["TEST"]["DETECTIONS_PER_IMAGE"] == 100
+
+
+def test_user_config_with_model_zoo_relative_base_not_on_disk(tmp_path):
+    # A Kaggle-style config next to its weights, naming a model-zoo base that is not on disk.
+    cfg_path = _write(
+        tmp_path / "config.yaml",
+        """
+        _BASE_: "../Base-RCNN-FPN.yaml"
+        MODEL:
+          MASK_ON: True
+          RESNETS: {DEPTH: 101}
+          ANCHOR_GENERATOR:
+            SIZES: [[8], [16], [32], [64], [128]]
+            ASPECT_RATIOS: [[0.25, 0.5, 1.0, 2.0, 4.0]]
+          ROI_HEADS: {NUM_CLASSES: 3, SCORE_THRESH_TEST: 0.3}
+        INPUT: {MIN_SIZE_TEST: 1024, MAX_SIZE_TEST: 2000}
+        TEST: {DETECTIONS_PER_IMAGE: 1000}
+        SOLVER:
+          STEPS: (1000, 2000)
+        """,
+    )
+    cfg = load_d2_config(cfg_path)
+    assert cfg["MODEL"]["RESNETS"]["DEPTH"] == 101
+    assert cfg["MODEL"]["RPN"]["PRE_NMS_TOPK_TEST"] == 1000  # from the FPN base
+    assert cfg["MODEL"]["ANCHOR_GENERATOR"]["ASPECT_RATIOS"] == [[0.25, 0.5, 1.0, 2.0, 4.0]]
+    assert cfg["INPUT"]["MIN_SIZE_TEST"] == 1024
+    assert cfg["SOLVER"]["STEPS"] == [1000, 2000]  # yacs-style literal decoding
+    assert d2_architecture(cfg) == "mask_rcnn_R_101_FPN"
+
+
+def test_base_on_disk_wins_and_chains(tmp_path):
+    (tmp_path / "zoo").mkdir()
+    _write(
+        tmp_path / "Base-RCNN-FPN.yaml",
+        """
+        MODEL:
+          BACKBONE: {NAME: build_resnet_fpn_backbone}
+          ROI_HEADS: {NAME: StandardROIHeads}
+          ROI_BOX_HEAD: {NAME: FastRCNNConvFCHead, NUM_FC: 2, POOLER_RESOLUTION: 7}
+          ROI_MASK_HEAD: {NUM_CONV: 4}
+          RPN: {IN_FEATURES: [p2, p3, p4, p5, p6], PRE_NMS_TOPK_TEST: 777}
+          ANCHOR_GENERATOR: {SIZES: [[32], [64], [128], [256], [512]]}
+        """,
+    )
+    _write(tmp_path / "zoo" / "mid.yaml", '_BASE_: "../Base-RCNN-FPN.yaml"\nMODEL: {MASK_ON: True}\n')
+    leaf = _write(tmp_path / "zoo" / "leaf.yaml", '_BASE_: "mid.yaml"\nMODEL: {RPN: {POST_NMS_TOPK_TEST: 5}}\n')
+    cfg = load_d2_config(leaf)
+    assert cfg["MODEL"]["RPN"]["PRE_NMS_TOPK_TEST"] == 777  # the file on disk, not the bundled base
+    assert cfg["MODEL"]["RPN"]["POST_NMS_TOPK_TEST"] == 5
+    assert cfg["MODEL"]["MASK_ON"] is True
+
+
+def test_base_cycle_and_missing_base(tmp_path):
+    a = _write(tmp_path / "a.yaml", '_BASE_: "b.yaml"\n')
+    _write(tmp_path / "b.yaml", '_BASE_: "a.yaml"\n')
+    with pytest.raises(ValueError, match="cycle"):
+        load_d2_config(a)
+    c = _write(tmp_path / "c.yaml", '_BASE_: "nowhere.yaml"\n')
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_d2_config(c)
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        load_d2_config(tmp_path / "missing.yaml")
+
+
+def test_not_yaml_and_lazy_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_d2_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_d2_config(lst)
+    lazy = tmp_path / "mask_rcnn_R_50_FPN_1x.py"
+    lazy.write_text("model = None\n")
+    with pytest.raises(UnsupportedConfigError, match="LazyConfig"):
+        load_d2_config(lazy)
+
+
+def test_merge_replaces_lists_and_merges_dicts():
+    base = {"A": {"X": [1, 2], "Y": 1}, "B": 2}
+    out = merge_d2_configs(base, {"A": {"X": [3]}, "C": 4})
+    assert out == {"A": {"X": [3], "Y": 1}, "B": 2, "C": 4}
+    assert base == {"A": {"X": [1, 2], "Y": 1}, "B": 2}  # not mutated
+
+
+@pytest.mark.parametrize(
+    "name, arch",
+    [
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", "mask_rcnn_R_50_C4"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", "mask_rcnn_R_50_FPN"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_101_C4_3x.yaml", "mask_rcnn_R_101_C4"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml", "mask_rcnn_R_101_FPN"),
+        ("COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml", "mask_rcnn_X_101_32x8d_FPN"),
+        ("Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml", "cascade_mask_rcnn_X_152_32x8d_FPN"),
+    ],
+)
+def test_model_zoo_configs_map_to_the_six_architectures(name, arch):
+    assert name in BUNDLED_CONFIGS
+    assert d2_architecture(load_d2_config(name)) == arch
+
+
+@pytest.mark.parametrize(
+    "override, option",
+    [
+        ({"MODEL": {"MASK_ON": False}}, "MODEL.MASK_ON"),
+        ({"MODEL": {"KEYPOINT_ON": True}}, "MODEL.KEYPOINT_ON"),
+        ({"MODEL": {"META_ARCHITECTURE": "PanopticFPN"}}, "MODEL.META_ARCHITECTURE"),
+        ({"MODEL": {"META_ARCHITECTURE": "RetinaNet"}}, "MODEL.META_ARCHITECTURE"),
+        ({"MODEL": {"RESNETS": {"DEPTH": 34}}}, "MODEL.RESNETS.DEPTH"),
+        ({"MODEL": {"RESNETS": {"RADIX": 2}}}, "MODEL.RESNETS.RADIX"),
+        ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
+        ({"MODEL": {"BACKBONE": {"NAME": "build_regnet_fpn_backbone"}}}, "MODEL.BACKBONE.NAME"),
+        ({"MODEL": {"ROI_HEADS": {"NAME": "MyHeads"}}}, "MODEL.ROI_HEADS.NAME"),
+        ({"MODEL": {"ROI_BOX_HEAD": {"USE_SIGMOID_CE": True}}}, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE"),
+        ({"MODEL": {"ROI_MASK_HEAD": {"NAME": "PointRendMaskHead"}}}, "MODEL.ROI_MASK_HEAD.NAME"),
+        ({"MODEL": {"ANCHOR_GENERATOR": {"NAME": "RotatedAnchorGenerator"}}}, "MODEL.ANCHOR_GENERATOR.NAME"),
+        ({"MODEL": {"RPN": {"HEAD_NAME": "Custom"}}}, "MODEL.RPN.HEAD_NAME"),
+        ({"INPUT": {"FORMAT": "L"}}, "INPUT.FORMAT"),
+    ],
+)
+def test_unsupported_options_name_the_option(override, option):
+    cfg = merge_d2_configs(load_d2_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"), override)
+    with pytest.raises(UnsupportedConfigError, match=option.replace(".", r"\.")):
+        d2_architecture(cfg)
+
+
+def test_defaults_are_not_mutated_by_loading():
+    before = repr(D2_DEFAULTS)
+    cfg = load_d2_config("Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml")
+    cfg["MODEL"]["RESNETS"]["DEPTH"] = 1
+    assert repr(D2_DEFAULTS) == before
