@@ -1,0 +1,168 @@
+"""The ensemble's member list of the "Segment cells" dock.
+
+One row per model: an on/off box, its name, its weight in the ensemble and a remove button. The
+weight-free classical engine is always the first row and cannot be removed (it can be switched off).
+Checkpoint files are only remembered when added; they are loaded (which imports torch) the first time
+a run needs them, in the worker thread, and kept per device for later runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from magicgui.widgets import CheckBox, Container, FloatSpinBox, Label, PushButton
+
+__all__ = ["ModelEntry", "ModelList", "CLASSICAL_NAME"]
+
+CLASSICAL_NAME = "classical (weight-free)"
+
+#: Checkpoint suffixes offered by the file dialog (the project's own, torchvision and detectron2 ones).
+CHECKPOINT_FILTER = "Checkpoints (*.pt *.pth *.ckpt *.pkl);;All files (*)"
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """One member of the ensemble.
+
+    Attributes:
+        name: shown in the list.
+        path: the checkpoint file, or None for the classical engine / an engine given as an object.
+        engine: an engine object given directly (tests, scripts); None means "build it on demand".
+        weight: the member's weight in the ensemble (> 0).
+        enabled: whether the next run uses it.
+    """
+
+    name: str
+    path: Path | None = None
+    engine: Any = None
+    weight: float = 1.0
+    enabled: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def is_classical(self) -> bool:
+        return self.path is None and self.engine is None
+
+    def get_engine(self, device: str = "auto"):
+        """The engine object for ``device`` ("auto", "cpu", "cuda"), loading it on first use.
+
+        Call it from a worker thread: loading a checkpoint imports torch and reads the file.
+
+        Raises:
+            ValueError / FileNotFoundError: from the checkpoint loader, naming the file.
+        """
+        if self.engine is not None:
+            return self.engine
+        key = "classical" if self.is_classical else device
+        with self._lock:
+            if key not in self._cache:
+                if self.is_classical:
+                    from ..classical import ClassicalEngine
+
+                    self._cache[key] = ClassicalEngine()
+                else:
+                    from ..models.predictor import MaskRCNNEngine
+
+                    self._cache[key] = MaskRCNNEngine.from_checkpoint(self.path, device=device)
+            return self._cache[key]
+
+
+class _ModelRow(Container):
+    def __init__(self, entry: ModelEntry, on_remove: Callable[[ModelEntry], None]):
+        self.entry = entry
+        self.use = CheckBox(value=entry.enabled, text="", tooltip="use this model in the next run")
+        self.title = Label(value=entry.name, tooltip=str(entry.path) if entry.path else entry.name)
+        self.weight = FloatSpinBox(
+            value=entry.weight, min=0.01, max=100.0, step=0.1, tooltip="weight of this model in the ensemble"
+        )
+        self.remove = PushButton(text="Remove", enabled=not entry.is_classical)
+        super().__init__(layout="horizontal", labels=False, widgets=[self.use, self.title, self.weight, self.remove])
+        self.margins = (0, 0, 0, 0)
+        self.use.changed.connect(lambda v: setattr(entry, "enabled", bool(v)))
+        self.weight.changed.connect(lambda v: setattr(entry, "weight", float(v)))
+        self.remove.changed.connect(lambda *_: on_remove(entry))
+
+
+class ModelList(Container):
+    """The ensemble members, with "Add checkpoint..." (file dialog) and per-row remove buttons.
+
+    Scripted use (and tests): :meth:`add_checkpoint`, :meth:`add_engine`, :meth:`remove`,
+    :attr:`entries`, :meth:`selected`.
+    """
+
+    def __init__(self):
+        self._entries: list[ModelEntry] = []
+        self._rows = Container(labels=False)
+        self._rows.margins = (0, 0, 0, 0)
+        self.add_button = PushButton(text="Add checkpoint...", tooltip="add a Mask R-CNN checkpoint file")
+        super().__init__(labels=False, widgets=[self._rows, self.add_button])
+        self.margins = (0, 0, 0, 0)
+        self.add_button.changed.connect(self._on_add_clicked)
+        self._append(ModelEntry(CLASSICAL_NAME))
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries)
+
+    def selected(self) -> list[ModelEntry]:
+        """The entries switched on, in list order."""
+        return [e for e in self._entries if e.enabled]
+
+    def add_checkpoint(self, path: str | Path, weight: float = 1.0) -> ModelEntry:
+        """Add a checkpoint file (not loaded yet).
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: it is already in the list.
+        """
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {path}")
+        if any(e.path == path for e in self._entries):
+            raise ValueError(f"{path.name} is already in the model list")
+        return self._append(ModelEntry(path.name, path=path, weight=weight))
+
+    def add_engine(self, engine, name: str | None = None, weight: float = 1.0) -> ModelEntry:
+        """Add an engine object (anything with ``name``, ``class_names`` and ``predict_batch``)."""
+        return self._append(ModelEntry(name or str(getattr(engine, "name", "engine")), engine=engine, weight=weight))
+
+    def remove(self, entry: ModelEntry | str) -> None:
+        """Remove an entry (or the entry of that name). The classical engine stays.
+
+        Raises:
+            ValueError: no such entry, or it is the classical engine.
+        """
+        if isinstance(entry, str):
+            matches = [e for e in self._entries if e.name == entry]
+            if not matches:
+                raise ValueError(f"no model named {entry!r} in the list")
+            entry = matches[0]
+        if entry.is_classical:
+            raise ValueError("the weight-free classical engine cannot be removed; switch it off instead")
+        k = self._entries.index(entry)
+        del self._entries[k]
+        row = self._rows[k]
+        self._rows.remove(row)
+
+    def _append(self, entry: ModelEntry) -> ModelEntry:
+        self._entries.append(entry)
+        self._rows.append(_ModelRow(entry, self._on_remove))
+        return entry
+
+    def _on_remove(self, entry: ModelEntry) -> None:
+        self.remove(entry)
+
+    def _on_add_clicked(self, *_):
+        from napari.utils.notifications import show_error
+        from qtpy.QtWidgets import QFileDialog
+
+        paths, _ = QFileDialog.getOpenFileNames(self.native, "Add Mask R-CNN checkpoints", "", CHECKPOINT_FILTER)
+        for p in paths:
+            try:
+                self.add_checkpoint(p)
+            except (OSError, ValueError) as e:
+                show_error(str(e))
