@@ -257,9 +257,9 @@ def test_coco_ap_perfect_and_degraded():
 @needs_coco_io
 @pytest.mark.skipif(not (REAL / "coco.json").exists(), reason="real data not present")
 def test_real_ground_truth_against_itself_scores_one():
-    from napari_sartorius.io import load_annotations
+    from napari_sartorius.io.coco import read_coco
 
-    gt = load_annotations(REAL / "coco.json")
+    gt = read_coco(REAL / "coco.json")
     assert len(gt) == 3
     res = evaluate(gt, gt)
     assert res.score == pytest.approx(1.0)

@@ -404,7 +404,7 @@ def evaluate(
             groups.setdefault(t, []).append(s)
     order = list(gt.class_names) + sorted(set(groups) - set(gt.class_names))
     per_class = {t: float(np.mean(groups[t])) for t in order if t in groups}
-    coco_ap = coco_mask_ap(pred, gt, use_cats=coco_use_cats) if coco else {}
+    coco_ap = coco_mask_ap(pred, gt, use_cats=coco_use_cats, mask_threshold=mask_threshold) if coco else {}
     return EvaluationResult(
         score=float(np.mean(list(per_image.values()))),
         per_class=per_class,
@@ -418,11 +418,19 @@ def evaluate(
 
 
 def coco_mask_ap(
-    pred: AnnotationSet, gt: AnnotationSet, *, use_cats: bool = False, max_dets=COCO_MAX_DETS
+    pred: AnnotationSet,
+    gt: AnnotationSet,
+    *,
+    use_cats: bool = False,
+    max_dets=COCO_MAX_DETS,
+    mask_threshold: float = 0.5,
 ) -> dict[str, float]:
     """COCO mask AP, AP50, AP75 (0..1) of ``pred`` against ``gt`` with pycocotools' COCOeval.
 
-    Only the ground-truth images are evaluated; ``maxDets`` is raised to ``max_dets`` and the values
+    Predictions are evaluated as they are (COCO allows overlapping detections), ground-truth
+    instances and predictions are binarised at ``mask_threshold``, images matched by ``image_id``
+    (the COCO encoding is :mod:`napari_sartorius.io.coco`'s). Only the ground-truth images are
+    evaluated; ``maxDets`` is raised to ``max_dets`` and the values
     are read at the largest, over all object areas. No predictions at all give 0.0; no ground-truth
     objects give NaN (undefined). pycocotools' console output is silenced.
     """
@@ -431,24 +439,21 @@ def coco_mask_ap(
 
     from .io.coco import annotation_set_to_coco, annotation_set_to_results
 
-    gt_dict = annotation_set_to_coco(gt)
-    id_of = {im["file_name"]: im["id"] for im in gt_dict["images"]}
-    key_of = {}
-    for im in gt_dict["images"]:
-        key_of[AnnotationSet.key_for(im["file_name"])] = im["id"]
-    image_ids = {}
-    for im in gt.images:
-        cid = key_of.get(im.image_id, id_of.get(im.file_name or "", None))
-        if cid is None:
-            raise RuntimeError(f"image {im.image_id!r} is missing from its own COCO conversion")
-        image_ids[im.image_id] = cid
-    gt_ids = set(image_ids)
+    image_ids = {im.image_id: k + 1 for k, im in enumerate(gt.images)}
+    gt_dict = annotation_set_to_coco(gt, threshold=mask_threshold, image_ids=image_ids)
+    gt_cats = {c["name"]: int(c["id"]) for c in gt_dict["categories"]}
     pred_sub = AnnotationSet(
-        images=[im for im in pred.images if im.image_id in gt_ids],
+        images=[im for im in pred.images if im.image_id in image_ids],
         class_names=pred.class_names,
         category_ids=pred.category_ids,
     )
-    results = annotation_set_to_results(pred_sub, image_ids) if len(pred_sub) else []
+    results = (
+        annotation_set_to_results(
+            pred_sub, image_ids, threshold=mask_threshold, category_ids=gt_cats, with_file_name=False
+        )
+        if len(pred_sub)
+        else []
+    )
     if not gt_dict.get("annotations"):
         return {"AP": math.nan, "AP50": math.nan, "AP75": math.nan}
     if not results:
