@@ -265,3 +265,19 @@ def test_real_ground_truth_against_itself_scores_one():
     assert res.score == pytest.approx(1.0)
     assert res.per_class == {"cort": pytest.approx(1.0)}
     assert res.coco_ap["AP"] == pytest.approx(1.0)
+
+
+def test_sparse_contingency_path_agrees(monkeypatch):
+    import napari_sartorius.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, 40, size=(60, 70))
+    pred = np.zeros_like(gt)
+    pred[:, 1:] = gt[:, :-1]
+    dense = match_counts(pred, gt)
+    _, _, iou_dense, _, _ = sparse_ious(pred, gt)
+    monkeypatch.setattr(metrics, "_DENSE_TABLE_LIMIT", 0)
+    sparse = match_counts(pred, gt)
+    _, _, iou_sparse, _, _ = sparse_ious(pred, gt)
+    assert np.allclose(np.sort(iou_dense), np.sort(iou_sparse))
+    assert dense.tp.tolist() == sparse.tp.tolist() and dense.fp.tolist() == sparse.fp.tolist()

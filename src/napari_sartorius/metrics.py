@@ -277,7 +277,8 @@ class EvaluationResult:
 
     Attributes:
         score: mean competition score over the ground-truth images (missing predictions count 0).
-        per_class: cell type -> mean score over that type's images.
+        per_class: cell type -> mean score over that type's images (the gt image's ``cell_type``,
+            else its majority class; images with neither are left out of ``per_class``).
         per_image: image id -> competition score.
         coco_ap: ``{"AP", "AP50", "AP75"}`` COCO mask AP (0..1, at maxDets 3000, all areas,
             class-agnostic unless asked otherwise); NaN where undefined; empty when COCO was skipped.

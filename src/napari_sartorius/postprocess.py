@@ -39,6 +39,7 @@ from .instances import Instances
 __all__ = ["PostprocessSettings", "PostprocessResult", "postprocess", "majority_class"]
 
 _EIGHT = np.ones((3, 3), bool)
+_FOUR = ndimage.generate_binary_structure(2, 1)
 
 #: Default largest fraction of an instance's pixels that higher-scored instances may already hold.
 #: Public Sartorius notebooks (the detectron2 baseline) only cut taken pixels and applied the minimum
@@ -177,13 +178,13 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of a 2-D mask: background not 4-connected to the crop border (which matches
-    8-connected foreground). A labelling pass is several times faster than scipy's iterative
-    ``binary_fill_holes`` on crops."""
+    """Fill the holes of a 2-D bool mask: background not 4-connected to the crop border (the
+    complement of 8-connected foreground); same result as ``scipy.ndimage.binary_fill_holes``, in one
+    labelling pass instead of an iterated dilation (10-20 % faster over the benchmark's crops)."""
     h, w = mask.shape
     if h < 3 or w < 3:
         return mask
-    bg, n = ndimage.label(~mask)
+    bg, n = ndimage.label(~mask, structure=_FOUR)
     if n == 0:
         return mask
     border = np.zeros(n + 1, bool)
