@@ -84,13 +84,24 @@ def _notify(kind: str, message: str) -> None:
 
 
 def _resolve_overlaps(aset):
-    """Clean overlapping annotations; return ``(cleaned set, pixels moved, images touched)``."""
+    """Give each contested pixel one owner with the cleaning rules (to the smaller cell), changing
+    nothing else (no hole filling, every fragment kept).
+
+    Returns ``(new set, pixels resolved, images changed, instances left without a pixel)``.
+    """
+    from .annotations import AnnotationSet, ImageAnnotations
     from .cleaning import clean_annotations
 
-    cleaned, report = clean_annotations(aset, resolve_overlaps=True)
-    moved = int(getattr(report, "pixels_moved", 0))
-    touched = int(getattr(report, "images_changed", 0))
-    return cleaned, moved, touched
+    images, moved, touched, dropped = [], 0, 0, 0
+    for im in aset.images:
+        inst = im.instances
+        if _has_overlap(inst):
+            inst, rep = clean_annotations(inst, fill_holes=False, min_fragment=0, resolve_overlaps=True, min_area=1)
+            moved += rep.overlap_pixels_resolved
+            dropped += rep.small_dropped
+            touched += 1
+        images.append(ImageAnnotations(im.image_id, inst, cell_type=im.cell_type, file_name=im.file_name))
+    return AnnotationSet(images=images, class_names=aset.class_names, category_ids=aset.category_ids), moved, touched, dropped
 
 
 def _has_overlap(inst) -> bool:
@@ -98,11 +109,8 @@ def _has_overlap(inst) -> bool:
         return False
     cover = np.zeros(inst.image_size, np.uint16)
     for i in range(len(inst)):
-        sl = inst.crop_slices(i)
-        cover[sl] += inst.masks[i] >= 0.5
-        if cover.max() > 1:
-            return True
-    return False
+        cover[inst.crop_slices(i)] += inst.masks[i] >= 0.5
+    return bool(cover.max() > 1)
 
 
 def _features(ann, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -136,11 +144,13 @@ def read_annotations(path: str | os.PathLike) -> list[LayerData]:
     if len(aset) == 0:
         raise ValueError(f"{path} holds no annotated image")
     if any(_has_overlap(im.instances) for im in aset):
-        aset, moved, touched = _resolve_overlaps(aset)
+        aset, moved, touched, dropped = _resolve_overlaps(aset)
+        lost = f"; {dropped} cell(s) lay wholly under others and are not shown" if dropped else ""
         _notify(
             "warning",
-            f"{path.name}: overlapping cells cannot be shown in a Labels layer; resolved them with the "
-            f"cleaning rules: {moved} pixel(s) in {touched} image(s) changed owner (the file is unchanged).",
+            f"{path.name}: overlapping cells cannot be shown in a Labels layer; resolved the overlaps with "
+            f"the cleaning rules (each contested pixel goes to the smaller cell): {moved} pixel(s) in "
+            f"{touched} image(s) now belong to one cell{lost}. The file itself is unchanged.",
         )
     class_names = tuple(aset.class_names)
     dirs = default_image_dirs(path)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["write_coco", "labels_to_annotations", "image_id_for"]
+__all__ = ["write_coco", "write_layers", "labels_to_annotations", "image_id_for", "coco_file_name"]
 
 _LABEL_SUFFIXES = (" labels", " ground truth", "_labels")
 
@@ -141,11 +141,103 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
+def coco_file_name(image_path: str | os.PathLike, annotation_path: str | os.PathLike) -> str:
+    """The ``file_name`` to record for an image file: its bare name when it lies beside the annotation
+    file or in an ``images/`` folder beside it (where the reader looks), else its path relative to the
+    annotation file's folder (so that the reader still finds it)."""
+    img = Path(image_path).resolve()
+    base = Path(annotation_path).resolve().parent
+    if img.parent in (base, base / "images"):
+        return img.name
+    try:
+        return Path(os.path.relpath(img, base)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return img.as_posix()
+
+
+def write_layers(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    labels_meta: dict,
+    image: np.ndarray | None = None,
+    image_meta: dict | None = None,
+    fmt: str | None = None,
+) -> list[str]:
+    """Write a Labels layer (with its image layer, optionally) as COCO JSON or Kaggle CSV.
+
+    Args:
+        path: the destination; ``fmt`` ``"coco"`` or ``"csv"`` (default from the suffix).
+        labels: integer ``(H, W)`` labels or a stack of them.
+        labels_meta: the layer's ``name``, ``features`` (its ``class`` column) and ``metadata``
+            (``class_names``, ``cell_type`` for cells without a features row).
+        image: the image layer's data, ``(H, W)``, ``(H, W, 3|4)`` or a stack matching ``labels``.
+        image_meta: its ``name``, ``rgb`` and ``metadata["path"]`` / ``source`` (the image file).
+
+    The image id is the image file's stem, else the image layer's name, else the labels layer's name
+    without " labels". An image without a file is written as ``<image id>.png`` beside ``path``.
+
+    Returns:
+        The files written, annotation file first.
+
+    Raises:
+        ValueError: unknown format; labels and image of different sizes.
+    """
+    from .io import save_annotations
+
+    out = Path(path)
+    if fmt is None:
+        fmt = {".json": "coco", ".csv": "csv"}.get(out.suffix.lower())
+    if fmt not in ("coco", "csv"):
+        raise ValueError(f"cannot write labels to {out.name}: use a .json (COCO) or .csv (Kaggle CSV) file")
+    labels = np.asarray(labels)
+    lmd = labels_meta.get("metadata") or {}
+    file_name = None
+    image_arr = None
+    if image is not None:
+        image_meta = image_meta or {}
+        image_arr = np.asarray(image)
+        rgb = image_meta.get("rgb")
+        if rgb is None:
+            rgb = image_arr.ndim == labels.ndim + 1 and image_arr.shape[-1] in (3, 4)
+        spatial = image_arr.shape[:-1] if rgb else image_arr.shape
+        if tuple(spatial) != labels.shape:
+            raise ValueError(
+                f"labels {labels_meta.get('name')!r} of shape {labels.shape} do not match image "
+                f"{image_meta.get('name')!r} of shape {image_arr.shape}"
+            )
+        image_id = image_id_for(image_meta.get("name", "image"))
+        src = _source_path(image_meta)
+        if src is not None and labels.ndim == 2 and src.is_file():
+            image_id = src.stem
+            file_name = coco_file_name(src, out)
+            image_arr = None  # the file exists; nothing to write
+    else:
+        image_id = image_id_for(labels_meta.get("name", "labels"))
+    aset = labels_to_annotations(
+        labels,
+        image_id=image_id,
+        features=labels_meta.get("features"),
+        class_names=lmd.get("class_names"),
+        cell_type=lmd.get("cell_type"),
+        file_name=file_name,
+    )
+    written: list[str] = []
+    if image_arr is not None:
+        tail = image_arr.shape[labels.ndim - 2 :]
+        planes = image_arr.reshape((-1,) + tail) if labels.ndim > 2 else [image_arr]
+        for plane, ann in zip(planes, aset.images):
+            target = out.parent / ann.file_name
+            _write_png(target, plane)
+            written.append(os.fspath(target))
+    save_annotations(aset, out, fmt)
+    return [os.fspath(out)] + written
+
+
 def write_coco(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     """napari multi-layer writer: one Labels layer (+ one optional Image layer) -> COCO JSON.
 
     Args:
-        path: the ``.json`` destination.
+        path: the ``.json`` destination (the suffix is added when missing).
         layer_data: napari's ``(data, meta, layer_type)`` tuples: exactly one ``"labels"``, at most one
             ``"image"``. The labels' ``features`` ``class`` column gives each cell's category;
             ``metadata["cell_type"]`` the class of cells without one.
@@ -156,8 +248,6 @@ def write_coco(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     Raises:
         ValueError: not exactly one labels layer, or labels and image of different sizes.
     """
-    from .io import save_annotations
-
     labels = [(d, m) for d, m, t in layer_data if t == "labels"]
     images = [(d, m) for d, m, t in layer_data if t == "image"]
     if len(labels) != 1 or len(images) > 1:
@@ -165,46 +255,9 @@ def write_coco(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
             "the COCO JSON writer saves one Labels layer, optionally with one Image layer: "
             f"got {len(labels)} labels and {len(images)} image layers selected"
         )
-    ldata, lmeta = labels[0]
-    ldata = np.asarray(ldata)
-    lmd = lmeta.get("metadata") or {}
     out = Path(path)
     if out.suffix.lower() != ".json":
         out = out.with_suffix(".json")
-    written: list[str] = []
-    file_name = None
-    image_arr = None
-    if images:
-        idata, imeta = images[0]
-        image_arr = np.asarray(idata)
-        image_id = image_id_for(imeta.get("name", "image"))
-        spatial = image_arr.shape[:-1] if imeta.get("rgb") or (
-            image_arr.ndim == ldata.ndim + 1 and image_arr.shape[-1] in (3, 4)
-        ) else image_arr.shape
-        if tuple(spatial) != ldata.shape:
-            raise ValueError(
-                f"labels {lmeta.get('name')!r} of shape {ldata.shape} do not match image "
-                f"{imeta.get('name')!r} of shape {image_arr.shape}"
-            )
-        src = _source_path(imeta)
-        if src is not None and ldata.ndim == 2:
-            file_name = src.name
-            image_arr = None  # the file exists; nothing to write
-    else:
-        image_id = image_id_for(lmeta.get("name", "labels"))
-    aset = labels_to_annotations(
-        ldata,
-        image_id=image_id,
-        features=lmeta.get("features"),
-        class_names=lmd.get("class_names"),
-        cell_type=lmd.get("cell_type"),
-        file_name=file_name,
-    )
-    if image_arr is not None:
-        planes = image_arr.reshape((-1,) + image_arr.shape[ldata.ndim - 2 :]) if ldata.ndim > 2 else [image_arr]
-        for plane, ann in zip(planes, aset.images):
-            target = out.parent / ann.file_name
-            _write_png(target, plane)
-            written.append(os.fspath(target))
-    save_annotations(aset, out, "coco")
-    return [os.fspath(out)] + written
+    ldata, lmeta = labels[0]
+    idata, imeta = images[0] if images else (None, None)
+    return write_layers(out, ldata, lmeta, idata, imeta, fmt="coco")

@@ -136,17 +136,33 @@ class ModelList(Container):
         Raises:
             ValueError: no such entry, or it is the classical engine.
         """
-        if isinstance(entry, str):
-            matches = [e for e in self._entries if e.name == entry]
-            if not matches:
-                raise ValueError(f"no model named {entry!r} in the list")
-            entry = matches[0]
+        entry = self._find(entry)
         if entry.is_classical:
             raise ValueError("the weight-free classical engine cannot be removed; switch it off instead")
         k = self._entries.index(entry)
         del self._entries[k]
         row = self._rows[k]
         self._rows.remove(row)
+
+    def set_enabled(self, entry: ModelEntry | str, enabled: bool) -> None:
+        """Switch an entry (or the entry of that name) on or off, as its check box does."""
+        entry = self._find(entry)
+        self._rows[self._entries.index(entry)].use.value = bool(enabled)
+
+    def set_weight(self, entry: ModelEntry | str, weight: float) -> None:
+        """Set an entry's ensemble weight, as its spin box does."""
+        entry = self._find(entry)
+        self._rows[self._entries.index(entry)].weight.value = float(weight)
+
+    def _find(self, entry: ModelEntry | str) -> ModelEntry:
+        if isinstance(entry, ModelEntry):
+            if entry not in self._entries:
+                raise ValueError(f"{entry.name!r} is not in the model list")
+            return entry
+        matches = [e for e in self._entries if e.name == entry]
+        if not matches:
+            raise ValueError(f"no model named {entry!r} in the list")
+        return matches[0]
 
     def _append(self, entry: ModelEntry) -> ModelEntry:
         self._entries.append(entry)

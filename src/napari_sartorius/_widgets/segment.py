@@ -554,22 +554,19 @@ class SegmentCellsWidget(Container):
         Args:
             path: destination; the suffix picks the format.
             labels_layer: default the dock's export choice (the last result).
-            image_layer: its image, for the COCO ``file_name`` and sizes; default the image the labels
-                were computed from (or the dock's image choice).
+            image_layer: its image (gives the image id / COCO ``file_name``); default the image the
+                labels were computed from, else the dock's image choice. An image without a file is
+                written as ``<image id>.png`` beside ``path``.
 
         Returns:
-            The files written.
+            The files written, annotation file first.
 
         Raises:
-            ValueError: unknown suffix, no labels layer.
+            ValueError: unknown suffix, no labels layer, labels and image of different sizes.
         """
-        from .._writer import image_id_for, labels_to_annotations
-        from ..io import save_annotations
+        from .._writer import write_layers
 
         path = Path(path)
-        fmt = {".json": "coco", ".csv": "csv"}.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"cannot export to {path.name}: use a .json (COCO) or .csv (Kaggle) file name")
         layer = labels_layer or self.export_layer.value or self.labels_layer
         if layer is None:
             raise ValueError("nothing to export: segment an image or pick a Labels layer")
@@ -582,26 +579,14 @@ class SegmentCellsWidget(Container):
                 image = self._viewer.layers[md["image"]]
             else:
                 image = self.image_layer.value
-        data = np.asarray(layer.data)
-        file_name = None
-        if image is not None:
-            image_id = image_id_for(image.name)
-            src = getattr(image.source, "path", None) or (image.metadata or {}).get("path")
-            if src:
-                file_name = Path(src).name
-                image_id = Path(src).stem
-        else:
-            image_id = image_id_for(layer.name)
-        aset = labels_to_annotations(
-            data,
-            image_id=image_id,
-            features=layer.features,
-            class_names=md.get("class_names"),
-            cell_type=md.get("cell_type"),
-            file_name=file_name,
-        )
-        save_annotations(aset, path, fmt)
-        return [str(path)]
+        lmeta = {"name": layer.name, "features": layer.features, "metadata": dict(md)}
+        if image is None:
+            return write_layers(path, layer.data, lmeta)
+        imd = dict(image.metadata or {})
+        if getattr(image.source, "path", None):
+            imd.setdefault("path", image.source.path)
+        imeta = {"name": image.name, "rgb": bool(image.rgb), "metadata": imd}
+        return write_layers(path, layer.data, lmeta, image.data, imeta)
 
     def _on_export_clicked(self, *_):
         from napari.utils.notifications import show_error, show_info
