@@ -58,6 +58,8 @@ class _Style:
     neurite_length: tuple[float, float]  # px
     debris: int  # small dark particles per 520 x 704 image (image only)
     bright_fraction: float  # fraction of phase-bright (rounded) cells
+    thickness: tuple[float, float]  # optical thickness of a cell body (arbitrary units)
+    grain: tuple[float, float]  # amplitude of the granular texture inside cells
 
 
 _STYLES: dict[str, _Style] = {
@@ -65,23 +67,23 @@ _STYLES: dict[str, _Style] = {
         area_range=(150, 300), count_range=(150, 300), aspect_range=(1.4, 3.0), arms=(0, 2),
         arm_length=(0.6, 1.6), arm_width=0.10, wobble=0.10, clustered=0.7, cluster_spread=2.5,
         max_overlap=0.25, gap=0, neurites=(0, 2), neurite_length=(8, 40), debris=30,
-        bright_fraction=0.15,
+        bright_fraction=0.15, thickness=(0.5, 1.0), grain=(1.0, 2.5),
     ),
     "astro": _Style(
         area_range=(600, 1500), count_range=(40, 90), aspect_range=(1.0, 2.2), arms=(2, 6),
         arm_length=(0.8, 2.2), arm_width=0.16, wobble=0.22, clustered=0.4, cluster_spread=2.0,
         max_overlap=0.15, gap=0, neurites=(0, 2), neurite_length=(20, 80), debris=20,
-        bright_fraction=0.0,
+        bright_fraction=0.0, thickness=(0.5, 0.9), grain=(0.5, 1.2),
     ),
     "cort": _Style(
         area_range=(150, 300), count_range=(20, 40), aspect_range=(1.0, 1.5), arms=(0, 1),
         arm_length=(0.3, 0.8), arm_width=0.12, wobble=0.08, clustered=0.3, cluster_spread=2.5,
         max_overlap=0.0, gap=2, neurites=(2, 5), neurite_length=(40, 220), debris=220,
-        bright_fraction=0.05,
+        bright_fraction=0.05, thickness=(0.4, 0.9), grain=(1.5, 3.5),
     ),
 }
 
-_TABLE = 720  # samples of the boundary radius function r(theta)
+_TABLE = 360  # samples of the boundary radius function r(theta)
 
 
 @dataclass
@@ -275,12 +277,13 @@ def _render(rng, st: _Style, labels: np.ndarray, scale: float) -> np.ndarray:
     n = int(labels.max())
     inside = labels > 0
     # Optical thickness: a soft dome per cell (thicker in the middle) with granular texture.
-    amp = np.concatenate([[0.0], rng.uniform(0.7, 1.3, n)]).astype(np.float32)
+    amp = np.concatenate([[0.0], rng.uniform(*st.thickness, n)]).astype(np.float32)
+    grain = np.concatenate([[0.0], rng.uniform(*st.grain, n)]).astype(np.float32)
     dist = ndimage.distance_transform_edt(inside).astype(np.float32)
     dome = np.minimum(dist / (2.5 * scale), 1.0) * 0.6 + 0.4 * inside
     t = amp[labels] * dome
     texture = ndimage.gaussian_filter(rng.normal(size=(h, w)).astype(np.float32), 1.0)
-    t += inside * texture * 0.9
+    t += grain[labels] * texture
 
     area_factor = h * w / (REFERENCE_SHAPE[0] * REFERENCE_SHAPE[1])
     if n:
@@ -289,8 +292,13 @@ def _render(rng, st: _Style, labels: np.ndarray, scale: float) -> np.ndarray:
         counts = rng.integers(st.neurites[0], st.neurites[1] + 1, n)
         owners = np.repeat(ids, counts)
         if owners.size:
-            com = np.array(ndimage.center_of_mass(inside, labels, ids)).reshape(-1, 2)
-            radius = np.sqrt(np.bincount(labels.ravel())[1:] / np.pi)
+            yy, xx = np.indices(labels.shape)
+            counts_px = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            com = np.column_stack([
+                np.bincount(labels.ravel(), yy.ravel(), n + 1)[1:] / counts_px,
+                np.bincount(labels.ravel(), xx.ravel(), n + 1)[1:] / counts_px,
+            ])
+            radius = np.sqrt(counts_px / np.pi)
             dirs = rng.uniform(0, 2 * np.pi, owners.size)
             starts = com[owners - 1] + radius[owners - 1, None] * 0.8 * np.column_stack(
                 [np.sin(dirs), np.cos(dirs)]
