@@ -10,6 +10,8 @@ from napari_sartorius.models.d2_config import (
     BUNDLED_CONFIGS,
     D2_DEFAULTS,
     UnsupportedConfigError,
+    check_supported,
+    config_to_model_config,
     d2_architecture,
     load_d2_config,
     merge_d2_configs,
@@ -163,3 +165,98 @@ def test_defaults_are_not_mutated_by_loading():
     cfg = load_d2_config("Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml")
     cfg["MODEL"]["RESNETS"]["DEPTH"] = 1
     assert repr(D2_DEFAULTS) == before
+
+
+def _zoo(name: str, **model_overrides) -> dict:
+    cfg = load_d2_config(name)
+    cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] = 3
+    return merge_d2_configs(cfg, {"MODEL": model_overrides}) if model_overrides else cfg
+
+
+def test_config_to_model_config_keeps_detectron2_conventions():
+    cfg = _zoo("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml")
+    mc = config_to_model_config(cfg, ("shsy5y", "astro", "cort"))
+    assert mc.arch == "mask_rcnn_R_50_C4"
+    assert mc.input_format == "BGR" and mc.pixel_mean == (103.53, 116.28, 123.675) and mc.pixel_std == (1.0, 1.0, 1.0)
+    assert mc.stride_in_1x1 is True  # MSRA weights
+    assert mc.anchor_sizes == ((32.0, 64.0, 128.0, 256.0, 512.0),)
+    assert mc.round_anchors is False and mc.pooler_aligned is True
+    assert mc.rpn_pre_nms_top_n_test == 6000 and mc.rpn_post_nms_top_n_test == 1000
+    assert mc.box_head_convs == 0 and mc.mask_head_convs == 0 and mc.mask_size == 14
+    assert mc.detections_per_img == 100 and mc.score_thresh_test == 0.05
+    assert mc.provenance["source"] == "detectron2"
+
+
+def test_config_to_model_config_fpn_broadcasts_anchor_sizes_and_reads_test_settings():
+    cfg = _zoo("COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml")
+    cfg = merge_d2_configs(
+        cfg,
+        {
+            "MODEL": {
+                "ANCHOR_GENERATOR": {"SIZES": [[8, 16]], "ASPECT_RATIOS": [[0.5, 1.0, 2.0]] * 5},
+                "ROI_HEADS": {"SCORE_THRESH_TEST": 0.25, "NMS_THRESH_TEST": 0.4},
+                "ROI_BOX_HEAD": {"POOLER_TYPE": "ROIAlign", "POOLER_SAMPLING_RATIO": 2},
+                "ROI_MASK_HEAD": {"POOLER_TYPE": "ROIAlign", "POOLER_SAMPLING_RATIO": 2},
+            },
+            "INPUT": {"MIN_SIZE_TEST": 1024, "MAX_SIZE_TEST": 1800},
+            "TEST": {"DETECTIONS_PER_IMAGE": 1500},
+        },
+    )
+    mc = config_to_model_config(cfg, ("a", "b", "c"))
+    assert mc.arch == "mask_rcnn_X_101_32x8d_FPN"
+    assert mc.anchor_sizes == ((8.0, 16.0),) * 5
+    assert mc.stride_in_1x1 is False and mc.pixel_std == (57.375, 57.12, 58.395)
+    assert (mc.min_size_test, mc.max_size_test, mc.detections_per_img) == (1024, 1800, 1500)
+    assert (mc.score_thresh_test, mc.nms_thresh_test) == (0.25, 0.4)
+    assert mc.pooler_aligned is False and mc.pooler_sampling_ratio == 2
+
+
+def test_config_to_model_config_x152_cascade():
+    mc = config_to_model_config(_zoo("Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml"), ("a", "b", "c"))
+    assert mc.arch == "cascade_mask_rcnn_X_152_32x8d_FPN"
+    assert mc.deform_on_per_stage == (False, True, True, True)
+    assert (mc.box_head_convs, mc.box_head_fcs, mc.box_head_norm) == (4, 1, "GN")
+    assert (mc.mask_head_convs, mc.mask_head_norm) == (8, "GN")
+    assert mc.cascade_iou_thresholds == (0.5, 0.6, 0.7)
+    assert mc.min_size_train[0] == 640 and mc.min_size_train[-1] == 864  # "range" sampling
+
+
+def test_class_count_mismatch_names_num_classes():
+    cfg = _zoo("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    with pytest.raises(ValueError, match="NUM_CLASSES = 3"):
+        config_to_model_config(cfg, ("cell",))
+
+
+@pytest.mark.parametrize(
+    "name, override, option",
+    [
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"RESNETS": {"NORM": "GN"}}, "MODEL.RESNETS.NORM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"FPN": {"NORM": "SyncBN"}}, "MODEL.FPN.NORM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_BOX_HEAD": {"NORM": "BN"}}, "MODEL.ROI_BOX_HEAD.NORM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_BOX_HEAD": {"POOLER_TYPE": "ROIPool"}},
+         "MODEL.ROI_BOX_HEAD.POOLER_TYPE"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ANCHOR_GENERATOR": {"OFFSET": 0.5}},
+         "MODEL.ANCHOR_GENERATOR.OFFSET"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ANCHOR_GENERATOR": {"SIZES": [[8], [16]]}},
+         "MODEL.ANCHOR_GENERATOR.SIZES"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+         {"ANCHOR_GENERATOR": {"ASPECT_RATIOS": [[1.0], [0.5, 1.0], [1.0], [1.0], [1.0]]}},
+         "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_MASK_HEAD": {"CONV_DIM": 128}},
+         "MODEL.ROI_MASK_HEAD.CONV_DIM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", {"ROI_MASK_HEAD": {"NUM_CONV": 2}},
+         "MODEL.ROI_MASK_HEAD.NUM_CONV"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml",
+         {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, False, False, True]}}, "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+        ("Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml", {"ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": False}},
+         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"),
+    ],
+)
+def test_unsupported_layer_options(name, override, option):
+    with pytest.raises(UnsupportedConfigError, match=option.replace(".", r"\.")):
+        config_to_model_config(_zoo(name, **override), ("a", "b", "c"))
+
+
+def test_cascade_with_resnet50_is_not_one_of_the_six():
+    with pytest.raises(UnsupportedConfigError, match="cascade_mask_rcnn_R_50_FPN"):
+        check_supported(_zoo("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml"))

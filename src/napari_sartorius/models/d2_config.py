@@ -257,7 +257,7 @@ BUNDLED_CONFIGS: dict[str, dict] = {
             "ROI_MASK_HEAD": {"NUM_CONV": 8, "NORM": "GN"},
             "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
         },
-        "INPUT": {"MIN_SIZE_TRAIN": [640, 864], "MAX_SIZE_TRAIN": 1440},
+        "INPUT": {"MIN_SIZE_TRAIN": [640, 864], "MIN_SIZE_TRAIN_SAMPLING": "range", "MAX_SIZE_TRAIN": 1440},
     },
 }
 
@@ -505,3 +505,186 @@ def d2_architecture(cfg: Mapping) -> str:
             f"architectures: {', '.join(ARCHITECTURES)}"
         )
     return arch
+
+
+def _same_for_all(option: str, per_level: list) -> list:
+    """detectron2 lets per-level lists have one entry (broadcast) or one per level; we need one."""
+    first = per_level[0]
+    if any(list(p) != list(first) for p in per_level[1:]):
+        raise _unsupported(option, per_level, "the same list at every feature level")
+    return list(first)
+
+
+def check_supported(cfg: Mapping) -> str:
+    """Check every option that the project's model cannot reproduce; return the architecture.
+
+    Runs :func:`d2_architecture`, then the options of the layers inside (normalisation, channel
+    widths, pooler types, anchors). Raises :class:`UnsupportedConfigError` naming the option.
+    """
+    arch = d2_architecture(cfg)
+    m = "MODEL."
+    c4 = arch.endswith("_C4")
+    _expect(cfg, m + "RESNETS.NORM", ["FrozenBN", "BN", "SyncBN", "nnSyncBN"],
+            "FrozenBN, or BN/SyncBN (frozen to their running statistics at inference)")  # fmt: skip
+    _expect(cfg, m + "RESNETS.STEM_OUT_CHANNELS", [64])
+    _expect(cfg, m + "RESNETS.RES2_OUT_CHANNELS", [256])
+    _expect(cfg, m + "ANCHOR_GENERATOR.OFFSET", [0, 0.0], "0.0")
+    _expect(cfg, m + "RPN.CONV_DIMS", [[-1]], "[-1] (one 3x3 conv as wide as its input)")
+    rpn_w = [float(w) for w in _get(cfg, m + "RPN.BBOX_REG_WEIGHTS")]
+    if rpn_w != [1.0, 1.0, 1.0, 1.0]:
+        raise _unsupported(m + "RPN.BBOX_REG_WEIGHTS", rpn_w, "(1.0, 1.0, 1.0, 1.0)")
+    _expect(cfg, m + "ROI_HEADS.IN_FEATURES", [["res4"]] if c4 else [["p2", "p3", "p4", "p5"]])
+    box_pool = _expect(cfg, m + "ROI_BOX_HEAD.POOLER_TYPE", ["ROIAlignV2", "ROIAlign"])
+    mask_pool = _get(cfg, m + "ROI_MASK_HEAD.POOLER_TYPE")
+    if mask_pool != box_pool:
+        raise _unsupported(m + "ROI_MASK_HEAD.POOLER_TYPE", mask_pool, f"the box head's pooler type ({box_pool})")
+    ratio = _get(cfg, m + "ROI_BOX_HEAD.POOLER_SAMPLING_RATIO")
+    _expect(cfg, m + "ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", [ratio], f"the box head's sampling ratio ({ratio})")
+    _expect(cfg, m + "ROI_MASK_HEAD.CONV_DIM", [256])
+    if c4:
+        _expect(cfg, m + "ROI_BOX_HEAD.POOLER_RESOLUTION", [14], "14 (res5 head of C4 models)")
+        _expect(cfg, m + "ROI_MASK_HEAD.NUM_CONV", [0], "0 (the C4 mask head is deconv + predictor)")
+        deform = _get(cfg, m + "RESNETS.DEFORM_ON_PER_STAGE")
+        if len(deform) == 4 and deform[3]:
+            raise _unsupported(m + "RESNETS.DEFORM_ON_PER_STAGE", deform, "no deformable res5 in C4 models")
+    else:
+        _expect(cfg, m + "FPN.OUT_CHANNELS", [256])
+        _expect(cfg, m + "FPN.NORM", ["", "GN"])
+        _expect(cfg, m + "ROI_BOX_HEAD.POOLER_RESOLUTION", [7])
+        _expect(cfg, m + "ROI_MASK_HEAD.POOLER_RESOLUTION", [14])
+        _expect(cfg, m + "ROI_BOX_HEAD.CONV_DIM", [256])
+        _expect(cfg, m + "ROI_BOX_HEAD.NORM", ["", "GN"])
+        _expect(cfg, m + "ROI_MASK_HEAD.NORM", ["", "GN"])
+        if _get(cfg, m + "ROI_BOX_HEAD.NUM_CONV") + _get(cfg, m + "ROI_BOX_HEAD.NUM_FC") == 0:
+            raise _unsupported(m + "ROI_BOX_HEAD.NUM_CONV/NUM_FC", (0, 0), "at least one conv or fc layer")
+    if arch.startswith("cascade_"):
+        _expect(cfg, m + "ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", [True], "True (detectron2's cascade requires it)")
+        ious = _get(cfg, m + "ROI_BOX_CASCADE_HEAD.IOUS")
+        weights = _get(cfg, m + "ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS")
+        if len(ious) != len(weights) or not ious:
+            raise _unsupported(m + "ROI_BOX_CASCADE_HEAD.IOUS", ious, "one IoU per BBOX_REG_WEIGHTS entry")
+    sizes = _get(cfg, m + "ANCHOR_GENERATOR.SIZES")
+    levels = 1 if c4 else 5
+    if len(sizes) not in (1, levels):
+        raise _unsupported(m + "ANCHOR_GENERATOR.SIZES", sizes, f"1 or {levels} lists of sizes")
+    if len({len(s) for s in sizes}) != 1:
+        raise _unsupported(m + "ANCHOR_GENERATOR.SIZES", sizes, "the same number of sizes at every level")
+    if len(_get(cfg, m + "RESNETS.DEFORM_ON_PER_STAGE")) != 4:
+        raise _unsupported(m + "RESNETS.DEFORM_ON_PER_STAGE", _get(cfg, m + "RESNETS.DEFORM_ON_PER_STAGE"), "4 flags")
+    _same_for_all(m + "ANCHOR_GENERATOR.ASPECT_RATIOS", _get(cfg, m + "ANCHOR_GENERATOR.ASPECT_RATIOS"))
+    n_mean, n_std = len(_get(cfg, m + "PIXEL_MEAN")), len(_get(cfg, m + "PIXEL_STD"))
+    if n_mean != 3 or n_std != 3:
+        raise _unsupported(m + "PIXEL_MEAN/PIXEL_STD", (n_mean, n_std), "3 values each (3-channel input)")
+    return arch
+
+
+def _train_sizes(cfg: Mapping) -> tuple[int, ...]:
+    sizes = _get(cfg, "INPUT.MIN_SIZE_TRAIN")
+    sizes = [int(s) for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])]
+    if cfg["INPUT"].get("MIN_SIZE_TRAIN_SAMPLING", "choice") == "range" and len(sizes) == 2:
+        lo, hi = sorted(sizes)
+        sizes = list(range(lo, hi + 1, 32)) or [lo]
+    return tuple(s for s in sizes if s > 0) or (800,)
+
+
+def config_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenance: Mapping | None = None):
+    """Turn a detectron2 config into the project's ``ModelConfig``.
+
+    Keeps detectron2's input convention (``INPUT.FORMAT`` channel order, ``PIXEL_MEAN``/``PIXEL_STD``
+    in 0..255 units, so the first convolution's weights are used unchanged), its anchors, RPN counts,
+    RoIAlign type, head shapes, test size and test thresholds, with unrounded anchors as detectron2
+    computes them.
+
+    Args:
+        cfg: from :func:`load_d2_config`.
+        class_names: the K foreground classes, in detectron2's class-index order
+            (``MODEL.ROI_HEADS.NUM_CLASSES`` must be K).
+        provenance: extra JSON-able facts stored in ``ModelConfig.provenance``.
+
+    Returns:
+        A ``napari_sartorius.models.config.ModelConfig``.
+
+    Raises:
+        UnsupportedConfigError: an option the project cannot rebuild (named in the message).
+        ValueError: ``class_names`` does not match ``NUM_CLASSES``.
+    """
+    from .config import ModelConfig
+
+    arch = check_supported(cfg)
+    model, inp = cfg["MODEL"], cfg["INPUT"]
+    class_names = tuple(str(c) for c in class_names)
+    k = int(model["ROI_HEADS"]["NUM_CLASSES"])
+    if len(class_names) != k:
+        raise ValueError(
+            f"the detectron2 config has MODEL.ROI_HEADS.NUM_CLASSES = {k} but {len(class_names)} class "
+            f"name(s) were given ({', '.join(class_names)}); pass {k} names in the model's class order"
+        )
+    c4 = arch.endswith("_C4")
+    sizes = model["ANCHOR_GENERATOR"]["SIZES"]
+    if not c4 and len(sizes) == 1:
+        sizes = sizes * 5
+    box, mask, rpn, heads, res = (
+        model["ROI_BOX_HEAD"], model["ROI_MASK_HEAD"], model["RPN"], model["ROI_HEADS"], model["RESNETS"]
+    )
+    iou_lo, iou_hi = (list(rpn["IOU_THRESHOLDS"]) + [0.3, 0.7])[:2]
+    prov = {
+        "source": "detectron2",
+        "d2_roi_heads": heads["NAME"],
+        "d2_cls_agnostic_bbox_reg": bool(box["CLS_AGNOSTIC_BBOX_REG"]),
+        "d2_cls_agnostic_mask": bool(mask["CLS_AGNOSTIC_MASK"]),
+        "d2_resnets_norm": res["NORM"],
+    }
+    prov.update(dict(provenance or {}))
+    kwargs = dict(
+        arch=arch,
+        class_names=class_names,
+        input_format=inp["FORMAT"],
+        pixel_mean=tuple(float(v) for v in model["PIXEL_MEAN"]),
+        pixel_std=tuple(float(v) for v in model["PIXEL_STD"]),
+        min_size_test=int(inp["MIN_SIZE_TEST"]),
+        max_size_test=int(inp["MAX_SIZE_TEST"]),
+        min_size_train=_train_sizes(cfg),
+        max_size_train=int(inp["MAX_SIZE_TRAIN"]),
+        stride_in_1x1=bool(res["STRIDE_IN_1X1"]),
+        freeze_at=int(model["BACKBONE"]["FREEZE_AT"]),
+        deform_on_per_stage=tuple(bool(v) for v in res["DEFORM_ON_PER_STAGE"]),
+        deform_modulated=bool(res["DEFORM_MODULATED"]),
+        deform_num_groups=int(res["DEFORM_NUM_GROUPS"]),
+        fpn_norm="" if c4 else model["FPN"]["NORM"],
+        anchor_sizes=tuple(tuple(float(s) for s in level) for level in sizes),
+        aspect_ratios=tuple(float(a) for a in model["ANCHOR_GENERATOR"]["ASPECT_RATIOS"][0]),
+        round_anchors=False,
+        rpn_pre_nms_top_n_train=int(rpn["PRE_NMS_TOPK_TRAIN"]),
+        rpn_post_nms_top_n_train=int(rpn["POST_NMS_TOPK_TRAIN"]),
+        rpn_pre_nms_top_n_test=int(rpn["PRE_NMS_TOPK_TEST"]),
+        rpn_post_nms_top_n_test=int(rpn["POST_NMS_TOPK_TEST"]),
+        rpn_nms_thresh=float(rpn["NMS_THRESH"]),
+        rpn_batch_size_per_image=int(rpn["BATCH_SIZE_PER_IMAGE"]),
+        rpn_positive_fraction=float(rpn["POSITIVE_FRACTION"]),
+        rpn_fg_iou_thresh=float(iou_hi),
+        rpn_bg_iou_thresh=float(iou_lo),
+        roi_batch_size_per_image=int(heads["BATCH_SIZE_PER_IMAGE"]),
+        roi_positive_fraction=float(heads["POSITIVE_FRACTION"]),
+        roi_iou_thresh=float(list(heads["IOU_THRESHOLDS"])[0]),
+        pooler_aligned=box["POOLER_TYPE"] == "ROIAlignV2",
+        pooler_sampling_ratio=int(box["POOLER_SAMPLING_RATIO"]),
+        box_head_convs=0 if c4 else int(box["NUM_CONV"]),
+        box_head_fcs=0 if c4 else int(box["NUM_FC"]),
+        box_head_norm="" if c4 else box["NORM"],
+        box_head_dim=int(box["FC_DIM"]),
+        mask_head_convs=0 if c4 else int(mask["NUM_CONV"]),
+        mask_head_norm="" if c4 else mask["NORM"],
+        bbox_reg_weights=tuple(float(w) for w in box["BBOX_REG_WEIGHTS"]),
+        cascade_iou_thresholds=tuple(float(v) for v in model["ROI_BOX_CASCADE_HEAD"]["IOUS"]),
+        cascade_bbox_reg_weights=tuple(
+            tuple(float(w) for w in ws) for ws in model["ROI_BOX_CASCADE_HEAD"]["BBOX_REG_WEIGHTS"]
+        ),
+        score_thresh_test=float(heads["SCORE_THRESH_TEST"]),
+        nms_thresh_test=float(heads["NMS_THRESH_TEST"]),
+        detections_per_img=int(cfg["TEST"]["DETECTIONS_PER_IMAGE"]),
+        provenance=prov,
+    )
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as exc:
+        raise UnsupportedConfigError(f"the detectron2 config cannot be expressed as a project model: {exc}") from exc
