@@ -1,0 +1,319 @@
+"""The six Mask R-CNN architectures on torchvision's detection stack.
+
+``build_model(config)`` returns a :class:`CellMaskRCNN` (a torchvision ``GeneralizedRCNN``):
+
+* train mode: ``model(images, targets) -> dict of scalar losses``. ``images``: list of float tensors
+  ``(3, H, W)``, RGB, 0..255 units. ``targets``: per image ``boxes`` float ``(N, 4)`` xyxy pixels,
+  ``labels`` int64 ``(N,)`` in 1..K (0 is background), ``masks`` uint8 ``(N, H, W)``.
+* eval mode: ``model(images) -> list of dicts`` with ``boxes`` float ``(N, 4)`` xyxy in the input
+  image's pixels, ``labels`` int64 ``(N,)`` in 1..K, ``scores`` ``(N,)``, and ``masks`` float
+  ``(N, 1, M, M)``: the mask head's probabilities for the predicted class over each box (M = 28 FPN,
+  14 C4), **not pasted into the image** (:mod:`.predictor` pastes them into crops).
+
+Parameter names (``model.state_dict()`` keys; stable, the detectron2 importer maps onto them):
+
+* backbone: see :mod:`.backbones` (``backbone.body.*``, ``backbone.fpn.*``) and :mod:`.deform_conv`.
+* RPN: ``rpn.head.conv.0.0`` (3x3 conv, C -> C; detectron2 ``proposal_generator.rpn_head.conv``),
+  ``rpn.head.cls_logits`` (A outputs; ``...rpn_head.objectness_logits``), ``rpn.head.bbox_pred``
+  (4 A outputs, anchor-major; ``...rpn_head.anchor_deltas``). Anchor order: :mod:`.anchors`.
+* FPN box head: ``roi_heads.box_head.fc6``/``fc7`` (2-fc head, detectron2 ``roi_heads.box_head.fc1``/
+  ``fc2``) or, with convs/norm, a torchvision ``FastRCNNConvFCHead``: ``roi_heads.box_head.{i}.0``
+  (conv i, ``box_head.conv{i+1}``), ``.{i}.1`` (its GroupNorm, ``conv{i+1}.norm``), then after the
+  ``Flatten`` at index ``n_conv`` the linear layers at ``n_conv + 1 + 2 j`` (``box_head.fc{j+1}``).
+* box predictor: ``roi_heads.box_predictor.cls_score`` ``(K + 1, D)``, **background row 0**
+  (detectron2: last row), ``roi_heads.box_predictor.bbox_pred`` ``(4 (K + 1), D)`` with a background
+  block first (detectron2: ``(4 K, D)``). Cascade: :mod:`.cascade`. C4: :mod:`.c4`.
+* FPN mask head: ``roi_heads.mask_head.{i}.0`` (3x3 conv i, detectron2 ``roi_heads.mask_head.mask_fcn{i+1}``;
+  ``.{i}.1`` its GroupNorm), ``roi_heads.mask_predictor.conv5_mask`` (2x2 deconv, ``mask_head.deconv``),
+  ``roi_heads.mask_predictor.mask_fcn_logits`` ``(K + 1, 256, 1, 1)``, background channel 0
+  (``mask_head.predictor``, ``(K, ...)``).
+
+``mask_rcnn_R_50_FPN`` with ``round_anchors=True, pooler_aligned=False, pooler_sampling_ratio=2`` and
+torchvision's anchors has exactly the state-dict keys and behaviour of torchvision's
+``maskrcnn_resnet50_fpn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+from .anchors import CellAnchorGenerator
+from .backbones import C4_STRIDE, FPN_STRIDES, build_c4_backbone, build_fpn_backbone, group_norm
+from .c4 import Res5RoIHeads
+from .cascade import CascadeBoxPredictor, CascadeRoIHeads
+from .config import ARCH_NAMES, ModelConfig, check_arch
+from .pooler import RoIPooler
+from .transform import CellTransform
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "CellMaskRCNN",
+    "build_model",
+    "parameter_count",
+    "load_backbone_weights",
+]
+
+
+class CellMaskRCNN(GeneralizedRCNN):
+    """A Mask R-CNN built from a :class:`ModelConfig`; ``self.config`` is that config."""
+
+    def __init__(self, backbone, rpn, roi_heads, transform, config: ModelConfig) -> None:
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.config = config
+
+    def eager_outputs(self, losses, detections):
+        return losses if self.training else detections
+
+
+# -- components -------------------------------------------------------------------------------------
+def _transform(config: ModelConfig) -> CellTransform:
+    return CellTransform(
+        min_size_train=config.min_size_train,
+        max_size_train=config.max_size_train,
+        min_size_test=config.min_size_test,
+        max_size_test=config.max_size_test,
+        pixel_mean=config.pixel_mean,
+        pixel_std=config.pixel_std,
+        input_format=config.input_format,
+        size_divisible=32,
+    )
+
+
+def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwork:
+    anchors = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, strides, round_anchors=config.round_anchors)
+    head = RPNHead(in_channels, anchors.num_anchors_per_location()[0])
+    return RegionProposalNetwork(
+        anchors,
+        head,
+        fg_iou_thresh=config.rpn_fg_iou_thresh,
+        bg_iou_thresh=config.rpn_bg_iou_thresh,
+        batch_size_per_image=config.rpn_batch_size_per_image,
+        positive_fraction=config.rpn_positive_fraction,
+        pre_nms_top_n=dict(training=config.rpn_pre_nms_top_n_train, testing=config.rpn_pre_nms_top_n_test),
+        post_nms_top_n=dict(training=config.rpn_post_nms_top_n_train, testing=config.rpn_post_nms_top_n_test),
+        nms_thresh=config.rpn_nms_thresh,
+    )
+
+
+def _pooler(config: ModelConfig, size: int) -> RoIPooler:
+    return RoIPooler(
+        ["0", "1", "2", "3"],
+        size,
+        FPN_STRIDES[:4],
+        sampling_ratio=config.pooler_sampling_ratio,
+        aligned=config.pooler_aligned,
+    )
+
+
+def _fpn_box_head(config: ModelConfig) -> tuple[nn.Module, int]:
+    """A box head on pooled ``(R, 256, 7, 7)`` and its output width."""
+    convs, fcs, dim = config.box_head_convs, config.box_head_fcs, config.box_head_dim
+    if convs == 0 and fcs == 2 and not config.box_head_norm:
+        return TwoMLPHead(256 * 7 * 7, dim), dim
+    norm = group_norm if config.box_head_norm == "GN" else None
+    head = FastRCNNConvFCHead((256, 7, 7), [256] * convs, [dim] * fcs, norm_layer=norm)
+    return head, (dim if fcs else 256 * 7 * 7)
+
+
+def _fpn_mask_branch(config: ModelConfig) -> tuple[RoIPooler, nn.Module, nn.Module]:
+    norm = group_norm if config.mask_head_norm == "GN" else None
+    head = MaskRCNNHeads(256, [256] * config.mask_head_convs, 1, norm_layer=norm)
+    return _pooler(config, 14), head, MaskRCNNPredictor(256, 256, config.num_classes + 1)
+
+
+# -- builders ---------------------------------------------------------------------------------------
+def build_fpn_model(config: ModelConfig) -> CellMaskRCNN:
+    """Mask R-CNN with FPN (R-50, R-101, X-101 32x8d)."""
+    backbone = build_fpn_backbone(config)
+    box_head, dim = _fpn_box_head(config)
+    mask_pool, mask_head, mask_predictor = _fpn_mask_branch(config)
+    roi_heads = RoIHeads(
+        _pooler(config, 7),
+        box_head,
+        FastRCNNPredictor(dim, config.num_classes + 1),
+        config.roi_iou_thresh,
+        config.roi_iou_thresh,
+        config.roi_batch_size_per_image,
+        config.roi_positive_fraction,
+        config.bbox_reg_weights,
+        config.score_thresh_test,
+        config.nms_thresh_test,
+        config.detections_per_img,
+        mask_roi_pool=mask_pool,
+        mask_head=mask_head,
+        mask_predictor=mask_predictor,
+    )
+    return CellMaskRCNN(backbone, _rpn(config, 256, FPN_STRIDES), roi_heads, _transform(config), config)
+
+
+def build_c4_model(config: ModelConfig) -> CellMaskRCNN:
+    """Mask R-CNN C4 (R-50, R-101): RPN and RoIAlign on res4, res5 as the RoI head (:mod:`.c4`)."""
+    backbone, res5 = build_c4_backbone(config)
+    pooler = RoIPooler(["0"], 14, (C4_STRIDE,), sampling_ratio=config.pooler_sampling_ratio, aligned=config.pooler_aligned)
+    roi_heads = Res5RoIHeads(
+        pooler,
+        res5,
+        FastRCNNPredictor(2048, config.num_classes + 1),
+        MaskRCNNPredictor(2048, 256, config.num_classes + 1),
+        fg_iou_thresh=config.roi_iou_thresh,
+        bg_iou_thresh=config.roi_iou_thresh,
+        batch_size_per_image=config.roi_batch_size_per_image,
+        positive_fraction=config.roi_positive_fraction,
+        bbox_reg_weights=config.bbox_reg_weights,
+        score_thresh=config.score_thresh_test,
+        nms_thresh=config.nms_thresh_test,
+        detections_per_img=config.detections_per_img,
+    )
+    return CellMaskRCNN(backbone, _rpn(config, 1024, (C4_STRIDE,)), roi_heads, _transform(config), config)
+
+
+def build_cascade_model(config: ModelConfig) -> CellMaskRCNN:
+    """Cascade Mask R-CNN with FPN (X-152 32x8d; :mod:`.cascade`)."""
+    backbone = build_fpn_backbone(config)
+    heads, predictors = [], []
+    for _ in config.cascade_iou_thresholds:
+        head, dim = _fpn_box_head(config)
+        heads.append(head)
+        predictors.append(CascadeBoxPredictor(dim, config.num_classes + 1))
+    mask_pool, mask_head, mask_predictor = _fpn_mask_branch(config)
+    roi_heads = CascadeRoIHeads(
+        _pooler(config, 7),
+        heads,
+        predictors,
+        mask_pool,
+        mask_head,
+        mask_predictor,
+        stage_iou_thresholds=config.cascade_iou_thresholds,
+        stage_bbox_reg_weights=config.cascade_bbox_reg_weights,
+        batch_size_per_image=config.roi_batch_size_per_image,
+        positive_fraction=config.roi_positive_fraction,
+        score_thresh=config.score_thresh_test,
+        nms_thresh=config.nms_thresh_test,
+        detections_per_img=config.detections_per_img,
+    )
+    return CellMaskRCNN(backbone, _rpn(config, 256, FPN_STRIDES), roi_heads, _transform(config), config)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One registered architecture: its name, backbone body, head kind and builder."""
+
+    name: str
+    body: str
+    kind: str  # "FPN", "C4" or "cascade"
+    builder: Callable[[ModelConfig], CellMaskRCNN]
+    description: str
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "mask_rcnn_R_50_C4": ArchSpec(
+        "mask_rcnn_R_50_C4", "R_50", "C4", build_c4_model, "ResNet-50, RPN + RoIAlign on res4, res5 head"
+    ),
+    "mask_rcnn_R_50_FPN": ArchSpec("mask_rcnn_R_50_FPN", "R_50", "FPN", build_fpn_model, "ResNet-50 + FPN"),
+    "mask_rcnn_R_101_C4": ArchSpec(
+        "mask_rcnn_R_101_C4", "R_101", "C4", build_c4_model, "ResNet-101, RPN + RoIAlign on res4, res5 head"
+    ),
+    "mask_rcnn_R_101_FPN": ArchSpec("mask_rcnn_R_101_FPN", "R_101", "FPN", build_fpn_model, "ResNet-101 + FPN"),
+    "mask_rcnn_X_101_32x8d_FPN": ArchSpec(
+        "mask_rcnn_X_101_32x8d_FPN", "X_101_32x8d", "FPN", build_fpn_model, "ResNeXt-101 32x8d + FPN"
+    ),
+    "cascade_mask_rcnn_X_152_32x8d_FPN": ArchSpec(
+        "cascade_mask_rcnn_X_152_32x8d_FPN",
+        "X_152_32x8d",
+        "cascade",
+        build_cascade_model,
+        "ResNeXt-152 32x8d + FPN, deformable res3-res5, 3-stage cascade, GroupNorm heads",
+    ),
+}
+assert tuple(ARCHITECTURES) == ARCH_NAMES
+
+
+def build_model(config: ModelConfig, *, weights_backbone=None) -> CellMaskRCNN:
+    """A randomly initialised model of ``config`` (``config.arch`` picks the builder).
+
+    Args:
+        config: the model's settings.
+        weights_backbone: optional ImageNet weights of the body: a torchvision ResNet/ResNeXt state dict
+            or the path of a file holding one (``torch.save``'d; loaded with ``weights_only=True``).
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"build_model needs a ModelConfig, got {type(config).__name__}")
+    model = ARCHITECTURES[check_arch(config.arch)].builder(config)
+    if weights_backbone is not None:
+        load_backbone_weights(model, weights_backbone)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_count(arch: str) -> int:
+    """Number of parameters (trainable or frozen; FrozenBN statistics excluded) of ``arch`` with the
+    default three classes. Built on the meta device: no memory, no initialisation cost."""
+    check_arch(arch)
+    with torch.device("meta"):
+        model = build_model(ModelConfig(arch))
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def load_backbone_weights(model: CellMaskRCNN, weights) -> list[str]:
+    """Copy ImageNet weights of a torchvision ResNet/ResNeXt into the model's body (and C4's res5).
+
+    Args:
+        weights: a state dict (``conv1.weight``, ``layer1.0.conv1.weight``, ..., ``fc.*`` ignored) or the
+            path of a file holding one.
+
+    Returns:
+        the model keys left at their initial values inside the body (deformable-offset convs).
+
+    Raises:
+        ValueError: the file is not such a state dict, or it belongs to another depth/width (the
+            message names the first keys that do not fit).
+    """
+    source = "ImageNet weights"
+    if not isinstance(weights, Mapping):
+        source = str(weights)
+        try:
+            weights = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the same message for the user
+            raise ValueError(f"{source}: cannot read ImageNet weights ({exc})") from exc
+        if isinstance(weights, Mapping) and isinstance(weights.get("state_dict"), Mapping):
+            weights = weights["state_dict"]
+        if not isinstance(weights, Mapping):
+            raise ValueError(f"{source} holds a {type(weights).__name__}, not a ResNet state dict")
+    is_c4 = model.config.is_c4
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor) or key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        if is_c4 and key.startswith("layer4."):
+            name = "roi_heads.res5." + key[len("layer4.") :]
+        else:
+            name = "backbone.body." + key
+        mapped[name] = value
+    body_keys = [k for k in target if k.startswith("backbone.body.") or k.startswith("roi_heads.res5.")]
+    wrong = [k for k, v in mapped.items() if k not in target or target[k].shape != v.shape]
+    missing = [k for k in body_keys if k not in mapped and ".conv2.offset." not in k]
+    if not mapped or wrong or missing:
+        detail = (wrong or missing)[:3]
+        raise ValueError(
+            f"{source} does not fit the {model.config.arch} backbone "
+            f"({len(wrong)} unexpected/mis-shaped, {len(missing)} missing; e.g. {', '.join(detail)}): "
+            "give the torchvision ImageNet weights of the same ResNet/ResNeXt depth"
+        )
+    with torch.no_grad():
+        for k, v in mapped.items():
+            target[k].copy_(v.to(target[k].dtype))
+    return [k for k in body_keys if k not in mapped]

@@ -1,0 +1,136 @@
+"""ResNet / ResNeXt bodies with FrozenBatchNorm, and their FPN (P2-P6) and C4 (res4) assemblies.
+
+Parameter names (stable; the detectron2 importer maps onto them):
+
+* body (both kinds): ``backbone.body.conv1``, ``backbone.body.bn1`` (stem, detectron2 ``stem.conv1`` and
+  its norm), ``backbone.body.layer{1..4}.{i}.conv{1,2,3}`` / ``.bn{1,2,3}`` / ``.downsample.{0,1}``
+  (detectron2 ``res{2..5}.{i}.conv{1,2,3}`` with ``.norm``, ``.shortcut`` with ``.norm``). Deformable
+  blocks: see :mod:`.deform_conv`. In C4 models ``layer4`` is not in the backbone but is the RoI head:
+  ``roi_heads.res5.{i}...`` (detectron2 ``roi_heads.res5.{i}...``).
+* FPN: ``backbone.fpn.inner_blocks.{0..3}.0`` (1x1 lateral convs on res2..res5, detectron2
+  ``fpn_lateral{2..5}``), ``backbone.fpn.layer_blocks.{0..3}.0`` (3x3 output convs, detectron2
+  ``fpn_output{2..5}``); with ``fpn_norm="GN"`` the convs lose their bias and ``.1`` is the GroupNorm.
+  Feature maps are named ``"0".."3"`` (P2-P5, strides 4-32) and ``"pool"`` (P6, stride 64, max-pool of
+  P5 with kernel 1 stride 2, as detectron2's ``LastLevelMaxPool``).
+
+BatchNorm is always ``FrozenBatchNorm2d`` (eps 1e-5), as detectron2's ``FrozenBN``: Mask R-CNN trains
+with a few images per batch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .config import ModelConfig
+from .deform_conv import DeformConv3x3
+from .resnext import resnext152_32x8d
+
+__all__ = [
+    "FPN_STRIDES",
+    "C4_STRIDE",
+    "build_resnet_body",
+    "build_fpn_backbone",
+    "build_c4_backbone",
+    "group_norm",
+    "freeze_body",
+]
+
+FPN_STRIDES = (4, 8, 16, 32, 64)
+C4_STRIDE = 16
+
+_BODIES = {
+    "R_50": lambda **kw: tv_resnet.resnet50(weights=None, **kw),
+    "R_101": lambda **kw: tv_resnet.resnet101(weights=None, **kw),
+    "X_101_32x8d": lambda **kw: tv_resnet.resnext101_32x8d(weights=None, **kw),
+    "X_152_32x8d": resnext152_32x8d,
+}
+
+
+def body_name(arch: str) -> str:
+    """``"R_50"``, ``"R_101"``, ``"X_101_32x8d"`` or ``"X_152_32x8d"`` for an architecture name."""
+    for name in _BODIES:
+        if f"_{name}_" in arch:
+            return name
+    raise ValueError(f"no backbone body for architecture {arch!r}")
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """detectron2's ``"GN"`` norm: 32 groups."""
+    return nn.GroupNorm(32, channels)
+
+
+def build_resnet_body(config: ModelConfig) -> tv_resnet.ResNet:
+    """The torchvision ResNet/ResNeXt of ``config.arch`` with FrozenBN, the stride placement and the
+    deformable stages of ``config``, frozen up to ``config.freeze_at`` (its ``fc`` is unused)."""
+    body = _BODIES[body_name(config.arch)](norm_layer=FrozenBatchNorm2d)
+    stages = [body.layer1, body.layer2, body.layer3, body.layer4]
+    for stage, deform in zip(stages, config.deform_on_per_stage):
+        for block in stage:
+            stride = block.conv2.stride[0]
+            if config.stride_in_1x1 and stride != 1:
+                block.conv1.stride, block.conv2.stride = (stride, stride), (1, 1)
+                stride = 1
+            if deform:
+                c2 = block.conv2
+                block.conv2 = DeformConv3x3(
+                    c2.in_channels,
+                    c2.out_channels,
+                    stride=stride,
+                    dilation=c2.dilation[0],
+                    groups=c2.groups,
+                    deform_groups=config.deform_num_groups,
+                    modulated=config.deform_modulated,
+                )
+    freeze_body(body, config.freeze_at)
+    return body
+
+
+def freeze_body(body: tv_resnet.ResNet, freeze_at: int) -> None:
+    """Stop gradients to the stem (``freeze_at >= 1``) and to res2..res``freeze_at``."""
+    frozen = []
+    if freeze_at >= 1:
+        frozen += [body.conv1, body.bn1]
+    frozen += [body.layer1, body.layer2, body.layer3, body.layer4][: max(0, freeze_at - 1)]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def build_fpn_backbone(config: ModelConfig) -> BackboneWithFPN:
+    """ResNet body + FPN with 256 channels: ``(B, 3, H, W)`` with H, W multiples of 32 ->
+    ``{"0": (B, 256, H/4, W/4), "1": H/8, "2": H/16, "3": H/32, "pool": H/64}``."""
+    body = build_resnet_body(config)
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[256, 512, 1024, 2048],
+        out_channels=256,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=group_norm if config.fpn_norm == "GN" else None,
+    )
+
+
+class C4Backbone(nn.Module):
+    """Stem + res2..res4: ``(B, 3, H, W) -> {"0": (B, 1024, H/16, W/16)}``; ``out_channels = 1024``."""
+
+    def __init__(self, body: tv_resnet.ResNet) -> None:
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, return_layers={"layer3": "0"})
+        self.out_channels = 1024
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return OrderedDict(self.body(x))
+
+
+def build_c4_backbone(config: ModelConfig) -> tuple[C4Backbone, nn.Sequential]:
+    """The C4 trunk and the res5 stage (``layer4``, 1024 -> 2048 channels, stride 2) for the RoI head."""
+    body = build_resnet_body(config)
+    res5 = body.layer4
+    return C4Backbone(body), res5

@@ -1,0 +1,104 @@
+"""Multi-level RoIAlign with detectron2's half-pixel alignment.
+
+torchvision's ``MultiScaleRoIAlign`` always calls ``roi_align(..., aligned=False)``; detectron2 models are
+trained with ``ROIAlignV2`` (``aligned=True``: a box edge at pixel coordinate x samples at x - 0.5 of
+the feature grid's pixel centres). :class:`RoIPooler` takes the flag, fixed feature-map strides instead
+of inferring them from the first batch, and detectron2's level assignment
+``floor(4 + log2(sqrt(area) / 224 + 1e-8))`` clamped to the available levels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+__all__ = ["RoIPooler", "assign_levels"]
+
+
+def assign_levels(
+    boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float = 224.0, canonical_level: int = 4
+) -> Tensor:
+    """Pyramid level index (0 = ``min_level``) of each box ``(R, 4)`` xyxy, as int64 ``(R,)``."""
+    sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
+    return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+class RoIPooler(nn.Module):
+    """RoIAlign over one or several feature maps of known strides.
+
+    Args:
+        featmap_names: keys of the feature dict to pool from, finest first (e.g. ``["0", "1", "2", "3"]``).
+        output_size: side of the pooled square (7 for boxes, 14 for masks).
+        strides: stride of each of those maps in input pixels (e.g. ``(4, 8, 16, 32)``; C4: ``(16,)``).
+        sampling_ratio: RoIAlign samples per bin side (0 = adaptive, ``ceil(roi_size / output_size)``).
+        aligned: half-pixel alignment (detectron2's ROIAlignV2) or not (torchvision's default).
+
+    ``forward(features, boxes, image_shapes=None)`` takes ``features`` ``{name: (B, C, H, W)}`` and
+    ``boxes`` a list of B float tensors ``(R_i, 4)`` xyxy in input pixels; returns
+    ``(sum R_i, C, output_size, output_size)`` in box order. ``image_shapes`` is accepted (and unused) so
+    that it can stand in for torchvision's ``MultiScaleRoIAlign`` inside ``RoIHeads``.
+    """
+
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        output_size: int,
+        strides: Sequence[int],
+        *,
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(featmap_names) != len(strides):
+            raise ValueError("RoIPooler needs one stride per feature map")
+        self.featmap_names = list(featmap_names)
+        self.output_size = (int(output_size), int(output_size))
+        self.scales = [1.0 / float(s) for s in strides]
+        levels = [math.log2(s) for s in strides]
+        if any(abs(lv - round(lv)) > 1e-6 for lv in levels):
+            raise ValueError(f"feature strides must be powers of 2, got {tuple(strides)}")
+        self.min_level, self.max_level = int(round(levels[0])), int(round(levels[-1]))
+        if self.max_level - self.min_level + 1 != len(strides):
+            raise ValueError(f"feature strides must be consecutive powers of 2, got {tuple(strides)}")
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes=None) -> Tensor:
+        maps = [features[name] for name in self.featmap_names]
+        # Boxes stay in float32 under fp16 autocast (fp16 has 0.5 px steps above 1024 px); the maps
+        # follow (roi_align's autocast rule computes in float32 anyway).
+        dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+        maps = [m.to(dtype) for m in maps]
+        rois = _to_rois(boxes, maps[0])
+        kw = dict(output_size=self.output_size, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+        if len(maps) == 1:
+            return roi_align(maps[0], rois, spatial_scale=self.scales[0], **kw)
+        levels = assign_levels(rois[:, 1:], self.min_level, self.max_level)
+        out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1]) + self.output_size)
+        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            if idx.numel():
+                out[idx] = roi_align(fmap, rois[idx], spatial_scale=scale, **kw)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"scales={self.scales}, sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+def _to_rois(boxes: list[Tensor], like: Tensor) -> Tensor:
+    """``(R, 5)`` rows ``(batch index, x0, y0, x1, y1)`` in ``like``'s dtype and device."""
+    parts = [
+        torch.cat([torch.full((len(b), 1), i, dtype=like.dtype, device=like.device), b.to(like.dtype)], dim=1)
+        for i, b in enumerate(boxes)
+    ]
+    if not parts:
+        return like.new_zeros((0, 5))
+    return torch.cat(parts, dim=0)
