@@ -122,10 +122,12 @@ def read_raw(path: str | os.PathLike) -> np.ndarray:
 
 
 def _to_gray(arr: np.ndarray) -> np.ndarray:
-    """(H, W) or (..., H, W, C) colour -> (..., H, W) gray, float64 for colour input."""
+    """(..., H, W, C) colour -> (..., H, W) gray in the input dtype (floats stay float)."""
     if arr.ndim >= 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3].astype(np.float64)
-        return rgb @ np.array([0.299, 0.587, 0.114])
+        gray = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if np.issubdtype(arr.dtype, np.integer):  # stay in the input's integer range
+            return np.round(gray).astype(arr.dtype)
+        return gray
     if arr.ndim >= 3 and arr.shape[-1] == 2:
         return arr[..., 0]
     return arr
