@@ -143,6 +143,8 @@ def test_box_iou_pairs_equal_the_dense_computation():
     xy = rng.uniform(0, 100, (300, 2))
     wh = rng.uniform(1, 15, (300, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
+    tall = np.array([[5, 0, 12, 110], [40, 2, 48, 95], [0, 50, 120, 58]], np.float64)
+    boxes = np.concatenate([boxes, boxes[:20], tall])  # exact duplicates and boxes across many strips
     i, j, v = box_iou_pairs(boxes, 0.1)
     lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
     rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])

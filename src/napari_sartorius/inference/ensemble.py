@@ -66,41 +66,61 @@ def box_iou_pairs(boxes: np.ndarray, min_iou: float = 0.0) -> tuple[np.ndarray, 
     """All pairs ``i < j`` of boxes (xyxy, float (N, 4)) whose IoU is strictly greater than ``min_iou``
     (and whose intersection is not empty). Returns int64 ``i``, ``j`` and float64 ``iou`` arrays.
 
-    Sort-and-sweep along x: a box is only compared with the boxes that start inside its x-extent,
-    in chunks of at most ~2M candidate pairs, so memory stays bounded.
+    The image is cut into horizontal strips (about twice the median box height); a box is listed in
+    every strip it overlaps, and within a strip each box is compared only with the boxes that start
+    inside its x-extent (sort and sweep). A pair is reported by the first strip both boxes are in.
+    Work is done in chunks of at most ~2M candidate pairs, so memory stays bounded.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     n = len(boxes)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
     if n < 2:
         return empty
-    order = np.argsort(boxes[:, 0], kind="stable")
-    b = boxes[order]
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    ends = np.searchsorted(b[:, 0], b[:, 2], side="left")
-    counts = np.maximum(ends - np.arange(n) - 1, 0)
+    y_min = boxes[:, 1].min()
+    heights = boxes[:, 3] - boxes[:, 1]
+    strip = max(2.0 * float(np.median(heights)), 8.0)
+    first = np.floor((boxes[:, 1] - y_min) / strip).astype(np.int64)
+    last = np.maximum(np.ceil((boxes[:, 3] - y_min) / strip).astype(np.int64) - 1, first)
+    span = last - first + 1
+    box_of = np.repeat(np.arange(n), span)
+    strip_of = np.repeat(first, span) + (np.arange(len(box_of)) - np.repeat(np.cumsum(span) - span, span))
+    # one sorted sweep over all strips: key = strip * period + x (x shifted to be >= 0)
+    x_min = boxes[:, 0].min()
+    period = float(boxes[:, 2].max() - x_min) + 1.0
+    k0 = strip_of * period + (boxes[box_of, 0] - x_min)
+    k1 = strip_of * period + (boxes[box_of, 2] - x_min)
+    order = np.argsort(k0, kind="stable")
+    box_of, strip_of, k0, k1 = box_of[order], strip_of[order], k0[order], k1[order]
+    m = len(box_of)
+    ends = np.searchsorted(k0, k1, side="left")
+    counts = np.maximum(ends - np.arange(m) - 1, 0)
+    cum = np.cumsum(counts)
+    area = heights * (boxes[:, 2] - boxes[:, 0])
     out_i, out_j, out_v = [], [], []
     start = 0
-    cum = np.cumsum(counts)
-    while start < n:
+    while start < m:
         base = cum[start - 1] if start else 0
         stop = int(np.searchsorted(cum, base + _MAX_PAIRS_PER_CHUNK, side="right"))
-        stop = min(max(stop, start + 1), n)
+        stop = min(max(stop, start + 1), m)
         c = counts[start:stop]
         total = int(c.sum())
         if total:
-            ii = np.repeat(np.arange(start, stop), c)
-            offsets = np.repeat(np.cumsum(c) - c, c)
-            jj = ii + 1 + (np.arange(total) - offsets)
-            iw = np.minimum(b[ii, 2], b[jj, 2]) - np.maximum(b[ii, 0], b[jj, 0])
-            ih = np.minimum(b[ii, 3], b[jj, 3]) - np.maximum(b[ii, 1], b[jj, 1])
+            pa = np.repeat(np.arange(start, stop), c)
+            pb = pa + 1 + (np.arange(total) - np.repeat(np.cumsum(c) - c, c))
+            ii, jj = box_of[pa], box_of[pb]
+            # report a pair only in the first strip both boxes share
+            ok = strip_of[pa] == np.maximum(first[ii], first[jj])
+            ii, jj = ii[ok], jj[ok]
+            bi, bj = boxes[ii], boxes[jj]
+            iw = np.minimum(bi[:, 2], bj[:, 2]) - np.maximum(bi[:, 0], bj[:, 0])
+            ih = np.minimum(bi[:, 3], bj[:, 3]) - np.maximum(bi[:, 1], bj[:, 1])
             ok = (iw > 0) & (ih > 0)
             ii, jj = ii[ok], jj[ok]
             inter = iw[ok] * ih[ok]
             iou = inter / (area[ii] + area[jj] - inter)
             keep = iou > min_iou
-            out_i.append(order[ii[keep]])
-            out_j.append(order[jj[keep]])
+            out_i.append(ii[keep])
+            out_j.append(jj[keep])
             out_v.append(iou[keep])
         start = stop
     if not out_i:
@@ -330,22 +350,32 @@ def _cluster_mask_nms(idx, binaries, areas, origins, b_windows, key, iou_thr):
 
 
 # -- masks -----------------------------------------------------------------------------------------
-def _average_masks(members: np.ndarray, weights: np.ndarray, masks: list, origins: np.ndarray):
-    """Weighted mean of member crops over the union of their windows; returns (crop, origin)."""
+def _average_masks(members: list, weights: list, masks: list, origins: list):
+    """Weighted mean of member crops over the union of their windows; returns (crop, (y0, x0)).
+
+    ``members`` index ``masks`` and ``origins`` (lists of crops and ``(y0, x0)`` tuples)."""
     if len(members) == 1:
-        m = int(members[0])
+        m = members[0]
         return masks[m], origins[m]
-    o = origins[members]
-    shapes = np.array([masks[m].shape for m in members])
-    y0, x0 = o.min(axis=0)
-    y1, x1 = (o + shapes).max(axis=0)
+    y0 = x0 = 1 << 62
+    y1 = x1 = -1
+    for m in members:
+        oy, ox = origins[m]
+        h, w = masks[m].shape
+        y0, x0 = min(y0, oy), min(x0, ox)
+        y1, x1 = max(y1, oy + h), max(x1, ox + w)
     acc = np.zeros((y1 - y0, x1 - x0), np.float32)
-    for m, wgt, (oy, ox), (h, w) in zip(members.tolist(), weights.tolist(), o.tolist(), shapes.tolist()):
-        acc[oy - y0 : oy - y0 + h, ox - x0 : ox - x0 + w] += np.float32(wgt) * masks[m]
-    total = float(weights.sum())
+    total = 0.0
+    for m, wgt in zip(members, weights):
+        oy, ox = origins[m]
+        crop = masks[m]
+        h, w = crop.shape
+        acc[oy - y0 : oy - y0 + h, ox - x0 : ox - x0 + w] += np.float32(wgt) * crop
+        total += wgt
     if total > 0:
-        acc /= np.float32(total)
-    return np.clip(acc, 0.0, 1.0), np.array([y0, x0], np.int64)
+        acc *= np.float32(1.0 / total)
+    np.clip(acc, 0.0, 1.0, out=acc)
+    return acc, (y0, x0)
 
 
 # -- public ----------------------------------------------------------------------------------------
@@ -405,10 +435,13 @@ def fuse_instances(
     if not np.all(np.isfinite(w_src)) or np.any(w_src <= 0):
         raise ValueError(f"source weights must be positive numbers, got {w_src.tolist()}")
 
-    allin = Instances.cat(sources)
+    # flat views of all candidates (not Instances.cat: that would re-validate every crop)
+    all_masks = [m for s in sources for m in s.masks]
+    all_origins = np.concatenate([s.mask_origins for s in sources]).reshape(-1, 2)
+    all_classes = np.concatenate([s.classes for s in sources])
     src = np.repeat(np.arange(len(sources)), [len(s) for s in sources])
     h, w = size
-    boxes = allin.boxes.astype(np.float64)
+    boxes = np.concatenate([s.boxes for s in sources]).astype(np.float64).reshape(-1, 4)
     boxes = np.stack(
         [
             np.minimum(boxes[:, 0], boxes[:, 2]),
@@ -419,23 +452,24 @@ def fuse_instances(
         axis=1,
     )
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float64))
-    scores = allin.scores.astype(np.float64)
+    scores = np.concatenate([s.scores for s in sources]).astype(np.float64)
     valid = (scores >= skip_box_thr) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     rows = np.flatnonzero(valid)
     wt = w_src[src]
     # visiting key: score x weight; NMS-type methods scale weights by their maximum
     key_all = scores * (wt if method == "wbf" else wt / w_src.max())
 
+    origins_list = [tuple(o) for o in all_origins.tolist()]
     out_boxes, out_scores, out_classes, out_masks, out_origins = [], [], [], [], []
     if method == "mask_nms":
-        binaries = [m >= mask_threshold for m in allin.masks]
+        binaries = [m >= mask_threshold for m in all_masks]
         bin_areas = [int(np.count_nonzero(m)) for m in binaries]
         crop_windows = np.array(
-            [(ox, oy, ox + m.shape[1], oy + m.shape[0]) for m, (oy, ox) in zip(allin.masks, allin.mask_origins)],
+            [(ox, oy, ox + m.shape[1], oy + m.shape[0]) for m, (oy, ox) in zip(all_masks, all_origins)],
             np.float64,
         ).reshape(-1, 4)
-    for cls in np.unique(allin.classes[rows]):
-        r = rows[allin.classes[rows] == cls]
+    for cls in np.unique(all_classes[rows]):
+        r = rows[all_classes[rows] == cls]
         r = r[np.argsort(-key_all[r], kind="stable")]
         b, key = boxes[r], key_all[r]
         if method == "wbf":
@@ -452,7 +486,7 @@ def fuse_instances(
             )
         else:
             assign, reps = _cluster_mask_nms(
-                r, binaries, bin_areas, allin.mask_origins, crop_windows[r], key, iou_thr
+                r, binaries, bin_areas, all_origins, crop_windows[r], key, iou_thr
             )
             fb, fs = b[reps], key[reps]
         # members of each cluster, grouped
@@ -460,14 +494,16 @@ def fuse_instances(
         pos = np.flatnonzero(ok)
         pos = pos[np.argsort(assign[pos], kind="stable")]
         bounds = np.searchsorted(assign[pos], np.arange(len(reps) + 1))
-        mask_w = scores[r] * wt[r]
+        member_rows = r[pos].tolist()
+        member_w = (scores[r] * wt[r])[pos].tolist()
+        bounds = bounds.tolist()
+        top_rows = r[reps].tolist()
         for c in range(len(reps)):
             if average_masks:
-                members = pos[bounds[c] : bounds[c + 1]]
-                crop, origin = _average_masks(r[members], mask_w[members], allin.masks, allin.mask_origins)
+                lo, hi = bounds[c], bounds[c + 1]
+                crop, origin = _average_masks(member_rows[lo:hi], member_w[lo:hi], all_masks, origins_list)
             else:
-                top = r[reps[c]]
-                crop, origin = allin.masks[top], allin.mask_origins[top]
+                crop, origin = all_masks[top_rows[c]], origins_list[top_rows[c]]
             out_masks.append(crop)
             out_origins.append(origin)
         out_boxes.append(fb)
