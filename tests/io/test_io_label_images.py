@@ -95,7 +95,7 @@ def test_overlaps_higher_score_wins_and_are_counted(caplog):
     b = np.zeros((4, 4), bool)
     b[1:4, 1:4] = True  # 4 pixels shared with a
     inst = Instances.from_full_masks([a, b], scores=[0.9, 0.2])
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         lab, n = instances_to_label_image(inst)
     assert n == 4 and "4 overlapping pixels" in caplog.text
     assert lab[1, 1] == 1 and lab[3, 3] == 2 and lab.dtype == np.uint16
@@ -105,6 +105,32 @@ def test_overlaps_higher_score_wins_and_are_counted(caplog):
     # a fully covered instance disappears
     lab, n = instances_to_label_image(Instances.from_full_masks([b, a | b], scores=[0.1, 0.5]))
     assert set(np.unique(lab)) == {0, 2} and n == 9
+
+
+def test_writing_overlaps_warns_once_with_the_count(tmp_path, caplog):
+    a = np.zeros((4, 4), bool)
+    a[0:3, 0:3] = True
+    b = np.zeros((4, 4), bool)
+    b[1:4, 1:4] = True
+    inst = Instances.from_full_masks([a, b], scores=[0.9, 0.2])
+    aset = AnnotationSet([ImageAnnotations(f"o{k}", inst) for k in range(3)])
+    with caplog.at_level(logging.WARNING):
+        report = write_label_images(aset, tmp_path)
+    assert report == {"o0": 4, "o1": 4, "o2": 4}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "12 pixels in 3 of 3 images" in warnings[0].getMessage()
+    lab = read_label_image(tmp_path / "o1_labels.tif")
+    assert lab[1, 1] == 1 and lab[3, 3] == 2
+
+
+def test_uint64_and_sparse_ids():
+    lab = np.zeros((3, 4), np.uint64)
+    lab[0, 0], lab[2, 3] = 2**40, 5
+    inst, ids = labels_to_instances(lab)
+    assert ids.tolist() == [5, 2**40]
+    np.testing.assert_array_equal(inst.full_mask(1), lab == 2**40)
+    inst, ids = labels_to_instances(lab.astype(np.uint32) % 7)
+    assert ids.tolist() == [5]
 
 
 def _aset():

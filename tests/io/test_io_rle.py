@@ -4,6 +4,8 @@ from pycocotools import mask as mask_utils
 
 from napari_sartorius.instances import Instances
 from napari_sartorius.io.rle import (
+    coco_rle_runs,
+    coco_rle_to_crop,
     coco_rle_to_mask,
     instance_to_coco_rle,
     instance_to_rle,
@@ -14,6 +16,7 @@ from napari_sartorius.io.rle import (
     rle_decode,
     rle_decode_crop,
     rle_encode,
+    segmentation_to_crop,
     segmentation_to_mask,
 )
 
@@ -149,3 +152,41 @@ def test_polygons():
     np.testing.assert_array_equal(segmentation_to_mask([square], 6, 6), m)
     with pytest.raises(ValueError, match="even number"):
         polygons_to_mask([[1, 2, 3]], 6, 6)
+
+
+def test_counts_string_decoder_matches_pycocotools_on_large_masks():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        m = np.zeros((520, 704), bool)
+        y, x = rng.integers(0, 500), rng.integers(0, 680)
+        m[y : y + rng.integers(1, 20), x : x + rng.integers(1, 24)] = True
+        m[rng.integers(0, 520, 30), rng.integers(0, 704, 30)] = True  # scattered pixels: long runs
+        ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle = {"size": ref["size"], "counts": ref["counts"].decode()}
+        np.testing.assert_array_equal(coco_rle_to_mask(rle), mask_utils.decode(ref).astype(bool))
+        crop, (y0, x0) = coco_rle_to_crop(rle)
+        c2, o2 = mask_crop(m)
+        np.testing.assert_array_equal(crop, c2)
+        assert (y0, x0) == o2
+    empty = mask_utils.encode(np.zeros((3, 4), np.uint8, order="F"))
+    crop, origin = coco_rle_to_crop(empty)
+    assert crop.shape == (1, 1) and not crop.any() and origin == (0, 0)
+
+
+def test_corrupt_counts_strings():
+    with pytest.raises(ValueError, match="middle of a number"):
+        coco_rle_runs({"size": [3, 4], "counts": "o"})  # 'o' has the continuation bit set
+    with pytest.raises(ValueError, match="invalid"):
+        coco_rle_runs({"size": [3, 4], "counts": "\x01"})
+    with pytest.raises(ValueError, match="add up"):
+        coco_rle_runs({"size": [3, 4], "counts": "5"})
+
+
+def test_segmentation_to_crop():
+    square = [1.0, 1.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0]
+    crop, (y0, x0) = segmentation_to_crop([square], 6, 6)
+    full = np.zeros((6, 6), bool)
+    full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+    np.testing.assert_array_equal(full, polygons_to_mask([square], 6, 6))
+    with pytest.raises(ValueError, match="unsupported"):
+        segmentation_to_crop(3, 6, 6)

@@ -38,7 +38,7 @@ from ..annotations import AnnotationSet, ImageAnnotations
 from ..cell_types import DEFAULT_CATEGORY_IDS, DEFAULT_CLASSES
 from ._common import check_size_against_image, instances_from_crops, known_classes, majority
 from .atomic import atomic_write
-from .rle import instance_to_coco_rle, mask_crop, segmentation_to_mask
+from .rle import instance_to_coco_rle, segmentation_to_crop
 
 __all__ = [
     "annotation_set_to_coco",
@@ -166,10 +166,9 @@ def _decode_annotation(ann: Mapping, size: tuple[int, int] | None, where: str):
                 "entry); give a companion instance file or image_sizes"
             )
     try:
-        mask = segmentation_to_mask(seg, size[0], size[1])
+        crop, origin = segmentation_to_crop(seg, size[0], size[1])
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    crop, origin = mask_crop(mask)
     return crop, origin, size
 
 

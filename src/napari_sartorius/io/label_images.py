@@ -94,12 +94,22 @@ def labels_to_instances(
     from scipy import ndimage
 
     labels = _check_labels(labels, "label image")
-    ids, inverse = np.unique(labels, return_inverse=True)
-    compact = inverse.reshape(labels.shape).astype(np.int64)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        compact += 1  # no background: shift so that compact ids start at 1
+    top = int(labels.max()) if labels.size else 0
+    if top <= max(4 * labels.size, 1 << 16):
+        # a lookup table from id to 1..N: linear time (np.unique would sort all pixels)
+        present = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=top + 1) > 0
+        present[0] = False
+        ids = np.flatnonzero(present)
+        lut = np.zeros(top + 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+        compact = lut[labels]
+    else:  # huge, sparse ids (e.g. hashes): compact by sorting
+        ids, inverse = np.unique(labels, return_inverse=True)
+        compact = inverse.reshape(labels.shape).astype(np.int32)
+        if ids[0] == 0:
+            ids = ids[1:]
+        else:
+            compact += 1  # no background: shift so that compact ids start at 1
     slices = ndimage.find_objects(compact, max_label=ids.size) if ids.size else []
     crops, origins = [], []
     for k, sl in enumerate(slices):
@@ -141,7 +151,7 @@ def instances_to_label_image(
         overwritten += int(np.count_nonzero(region[m]))
         region[m] = i + 1
     if overwritten:
-        log.info("label image: %d overlapping pixels went to the higher-score instance", overwritten)
+        log.debug("label image: %d overlapping pixels went to the higher-score instance", overwritten)
     return out, overwritten
 
 
@@ -375,12 +385,14 @@ def write_label_images(
     report: dict[str, int] = {}
     for im in aset:
         labels, overwritten = instances_to_label_image(im.instances, threshold)
-        present = [int(v) - 1 for v in np.unique(labels) if v > 0]
-        meta = _instance_metadata(im, aset.class_names, present)
+        present = np.flatnonzero(np.bincount(labels.ravel().astype(np.intp), minlength=len(im.instances) + 1)[1:])
+        meta = _instance_metadata(im, aset.class_names, present.tolist())
         write_label_image(labels, folder / f"{im.image_id}{suffix}{ext}", meta)
         report[im.image_id] = overwritten
-        if overwritten:
-            log.warning(
-                "%s: %d overlapping pixels went to the higher-score instance", im.image_id, overwritten
-            )
+    n_images = sum(1 for v in report.values() if v)
+    if n_images:
+        log.warning(
+            "label images: %d pixels in %d of %d images had overlapping instances; the higher-score "
+            "instance kept them", sum(report.values()), n_images, len(report),
+        )
     return report

@@ -30,6 +30,9 @@ __all__ = [
     "instance_to_rle",
     "mask_to_coco_rle",
     "coco_rle_to_mask",
+    "coco_rle_runs",
+    "coco_rle_to_crop",
+    "segmentation_to_crop",
     "instance_to_coco_rle",
     "polygons_to_mask",
     "segmentation_to_mask",
@@ -162,9 +165,10 @@ def parse_rle(rle: str | Sequence[int], shape: Sequence[int]) -> tuple[np.ndarra
 
 
 def _fill_runs(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    marks = np.zeros(n + 1, np.int32)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, ends, -1)
+    # starts are distinct and ends are distinct (runs are validated), so plain indexing is exact
+    marks = np.zeros(n + 1, np.int8)
+    marks[starts] += 1
+    marks[ends] -= 1
     return np.cumsum(marks[:-1]) > 0
 
 
@@ -178,22 +182,34 @@ def rle_decode(rle: str | Sequence[int], shape: Sequence[int]) -> np.ndarray:
     return _fill_runs(h * w, starts, ends).reshape(h, w)
 
 
+def _runs_to_crop(
+    starts: np.ndarray, ends: np.ndarray, shape: Sequence[int], order: str
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Tight boolean crop ``(bool (h, w), (y0, x0))`` of validated, sorted runs over the ``(H, W)``
+    image flattened in ``order``. Only the strip of lines the runs cover is allocated."""
+    h, w = int(shape[0]), int(shape[1])
+    if starts.size == 0:
+        return np.zeros((1, 1), bool), (0, 0)
+    line_len = w if order == "C" else h
+    l0 = int(starts[0] // line_len)
+    l1 = int((ends[-1] - 1) // line_len) + 1
+    offset = l0 * line_len
+    strip = _fill_runs((l1 - l0) * line_len, starts - offset, ends - offset).reshape(l1 - l0, line_len)
+    pos = np.flatnonzero(strip.any(axis=0))
+    p0, p1 = int(pos[0]), int(pos[-1]) + 1
+    if order == "C":
+        return strip[:, p0:p1], (l0, p0)
+    return strip[:, p0:p1].T.copy(), (p0, l0)
+
+
 def rle_decode_crop(rle: str | Sequence[int], shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode a Kaggle RLE straight into its tight crop: ``(bool (h, w), (y0, x0))``.
 
     Only a strip of the rows the runs cover is allocated, not the whole image. An empty RLE gives a
     ``(1, 1)`` False crop at ``(0, 0)`` (the convention of ``Instances.from_full_masks``).
     """
-    h, w = int(shape[0]), int(shape[1])
-    starts, ends = parse_rle(rle, (h, w))
-    if starts.size == 0:
-        return np.zeros((1, 1), bool), (0, 0)
-    r0 = int(starts[0] // w)
-    r1 = int((ends[-1] - 1) // w) + 1
-    strip = _fill_runs((r1 - r0) * w, starts - r0 * w, ends - r0 * w).reshape(r1 - r0, w)
-    cols = np.flatnonzero(strip.any(axis=0))
-    c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    return strip[:, c0:c1], (r0, c0)
+    starts, ends = parse_rle(rle, shape)
+    return _runs_to_crop(starts, ends, shape, "C")
 
 
 def mask_crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -250,43 +266,93 @@ def instance_to_coco_rle(instances, i: int, threshold: float = 0.5) -> dict:
     return _compress(_runs_to_coco_counts(starts, ends, h * w), h, w)
 
 
-def coco_rle_to_mask(rle: dict, shape: Sequence[int] | None = None) -> np.ndarray:
-    """Decode a COCO RLE (compressed ``str``/``bytes`` counts, or an uncompressed list) to ``bool (h, w)``.
+def _counts_from_string(text: str | bytes) -> list[int]:
+    """Uncompress pycocotools' counts string (its ``rleFrString``): each count is a little-endian
+    sequence of 5-bit groups stored as ``chr(48 + group | 0x20 if more follow)``, sign-extended
+    from the last group's bit 4; from the fourth count on, each is stored as the difference to the
+    count two places before it."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    counts: list[int] = []
+    p, n = 0, len(text)
+    try:
+        while p < n:
+            x = k = 0
+            more = True
+            while more:
+                c = ord(text[p]) - 48
+                if not 0 <= c < 64:
+                    raise ValueError(f"character {text[p]!r} at {p}")
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p += 1
+                k += 1
+                if not more and c & 0x10:
+                    x |= -1 << (5 * k)
+            if len(counts) > 2:
+                x += counts[-2]
+            counts.append(x)
+    except IndexError:
+        raise ValueError("compressed COCO RLE counts end in the middle of a number") from None
+    except ValueError as e:
+        raise ValueError(f"compressed COCO RLE counts hold an invalid {e}") from None
+    return counts
 
-    ``shape``, when given, must equal the RLE's ``size``.
+
+def coco_rle_runs(
+    rle: dict, shape: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Foreground runs of a COCO RLE: 0-based starts, exclusive ends over the column-major
+    flattened mask (int64, sorted), and its ``(h, w)``. Accepts compressed (``str``/``bytes``) and
+    uncompressed (list) counts.
 
     Raises:
-        ValueError: no ``size``/``counts``, a size that disagrees with ``shape``, or counts that do
-            not add up to ``h * w``.
+        ValueError: no ``size``/``counts``, a size that disagrees with ``shape``, negative counts,
+            or counts that do not add up to ``h * w`` (the RLE runs past / short of the image).
     """
-    from pycocotools import mask as mask_utils
-
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError("a COCO RLE must be a dict with 'size' and 'counts'")
-    h, w = (int(v) for v in rle["size"])
+    try:
+        h, w = (int(v) for v in rle["size"])
+    except (TypeError, ValueError):
+        raise ValueError(f"COCO RLE size {rle['size']!r} is not [height, width]") from None
     if shape is not None and (h, w) != (int(shape[0]), int(shape[1])):
         raise ValueError(f"RLE size {[h, w]} disagrees with the image size {list(shape)} (height, width)")
     counts = rle["counts"]
-    if isinstance(counts, (list, tuple, np.ndarray)):
-        counts = np.asarray(counts, dtype=np.int64)
-        if (counts < 0).any():
-            raise ValueError("uncompressed COCO RLE holds a negative count")
-        total = int(counts.sum())
-        if total != h * w:
-            raise ValueError(
-                f"uncompressed COCO RLE counts add up to {total} pixels, but the size {h} x {w} "
-                f"has {h * w} (the RLE runs {'past' if total > h * w else 'short of'} the image)"
-            )
-        # Decode directly: column-major runs alternating background/foreground.
-        flat = np.repeat(np.arange(counts.size) % 2 == 1, counts)
-        return flat.reshape(w, h).T.copy()
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
+    if isinstance(counts, (str, bytes)):
+        counts = _counts_from_string(counts)
     try:
-        m = mask_utils.decode({"size": [h, w], "counts": counts})
-    except Exception as e:  # pycocotools raises bare errors on corrupt strings
-        raise ValueError(f"cannot decode COCO RLE counts: {e}") from e
-    return m.astype(bool)
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError("COCO RLE counts must be a string or a list of integers") from None
+    if (counts < 0).any():
+        raise ValueError("COCO RLE holds a negative count")
+    total = int(counts.sum())
+    if total != h * w:
+        raise ValueError(
+            f"COCO RLE counts add up to {total} pixels, but the size {h} x {w} has {h * w} "
+            f"(the RLE runs {'past' if total > h * w else 'short of'} the image)"
+        )
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    starts, ends = bounds[1:-1:2], bounds[2::2]
+    keep = ends > starts  # zero-length foreground runs (e.g. a leading 0 count is background)
+    return starts[keep], ends[keep], (h, w)
+
+
+def coco_rle_to_crop(rle: dict, shape: Sequence[int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode a COCO RLE straight into its tight crop ``(bool (h, w), (y0, x0))`` without the full
+    mask; an empty mask gives a ``(1, 1)`` False crop at ``(0, 0)``. Errors as :func:`coco_rle_runs`."""
+    starts, ends, size = coco_rle_runs(rle, shape)
+    return _runs_to_crop(starts, ends, size, "F")
+
+
+def coco_rle_to_mask(rle: dict, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Decode a COCO RLE (compressed ``str``/``bytes`` counts, or an uncompressed list) to ``bool (h, w)``.
+
+    ``shape``, when given, must equal the RLE's ``size``. Errors as :func:`coco_rle_runs`.
+    """
+    starts, ends, (h, w) = coco_rle_runs(rle, shape)
+    return _fill_runs(h * w, starts, ends).reshape(w, h).T.copy()
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
@@ -294,18 +360,30 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: in
 
     Uses pycocotools ``frPyObjects`` + ``merge`` (the union of the polygons).
     """
+    return coco_rle_to_mask(_polygons_rle(polygons, height, width), (height, width))
+
+
+def _polygons_rle(polygons, height: int, width: int) -> dict:
     from pycocotools import mask as mask_utils
 
     polys = [list(map(float, p)) for p in polygons]
     for p in polys:
         if len(p) < 6 or len(p) % 2:
-            raise ValueError(
-                f"a COCO polygon needs an even number (>= 6) of coordinates, got {len(p)}"
-            )
+            raise ValueError(f"a COCO polygon needs an even number (>= 6) of coordinates, got {len(p)}")
     if not polys:
-        return np.zeros((height, width), bool)
-    rles = mask_utils.frPyObjects(polys, int(height), int(width))
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+        return {"size": [int(height), int(width)], "counts": [int(height) * int(width)]}
+    return mask_utils.merge(mask_utils.frPyObjects(polys, int(height), int(width)))
+
+
+def segmentation_to_crop(segmentation, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Any COCO ``segmentation`` (RLE dict or polygons) as a tight crop ``(bool (h, w), (y0, x0))``."""
+    if isinstance(segmentation, dict):
+        return coco_rle_to_crop(segmentation, (height, width))
+    if isinstance(segmentation, (list, tuple)):
+        if segmentation and not isinstance(segmentation[0], (list, tuple)):
+            segmentation = [segmentation]
+        return coco_rle_to_crop(_polygons_rle(segmentation, height, width), (height, width))
+    raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
