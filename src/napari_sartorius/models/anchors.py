@@ -4,9 +4,10 @@ torchvision's ``AnchorGenerator`` orders the anchors of a location aspect-ratio-
 corners to integers and infers strides as ``padded_size // grid_size``; detectron2 orders them size-major,
 does not round and uses the configured strides. The order decides which RPN output channel belongs to
 which anchor, so weights trained with several sizes per level (C4) only work with the generator they
-were trained with. :class:`CellAnchorGenerator` always uses detectron2's order and fixed strides;
-``round_anchors=True`` reproduces torchvision's integer corners (checkpoints made by torchvision, where
-each level has one size, so the order question does not arise).
+were trained with. :class:`CellAnchorGenerator` always uses detectron2's order; with
+``round_anchors=True`` it follows torchvision's conventions otherwise (integer corners, strides inferred
+from the padded input), for checkpoints made by torchvision, where each level has one size, so the
+order question does not arise.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class CellAnchorGenerator(AnchorGenerator):
         sizes: one tuple of anchor sizes (input pixels) per feature map.
         aspect_ratios: height / width ratios, the same for every map.
         strides: stride of each feature map in input pixels (FPN ``(4, 8, 16, 32, 64)``, C4 ``(16,)``).
-        round_anchors: round the corners to integers (torchvision-trained weights).
+        round_anchors: torchvision's convention (torchvision-trained weights): corners rounded to
+            integers and strides ``padded_size // grid_size`` instead of ``strides``.
 
     ``forward(image_list, feature_maps)`` returns one float tensor ``(sum_l H_l * W_l * A, 4)`` per image,
     ordered by level, then row, column, anchor: the order of torchvision's RPN head outputs.
@@ -73,12 +75,16 @@ class CellAnchorGenerator(AnchorGenerator):
         if len(feature_maps) != len(self.strides):
             raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor levels")
         device = feature_maps[0].device
+        padded_h, padded_w = image_list.tensors.shape[-2:]
         grids = []
         for fmap, stride, base in zip(feature_maps, self.strides, self.cell_anchors):
             h, w = fmap.shape[-2:]
+            stride_y = stride_x = stride
+            if self.round_anchors:  # torchvision infers strides (P6 of an 800 px input: 800 // 13 = 61)
+                stride_y, stride_x = int(padded_h) // int(h), int(padded_w) // int(w)
             base = base.to(device=device, dtype=torch.float32)
-            xs = torch.arange(w, device=device, dtype=torch.float32) * stride
-            ys = torch.arange(h, device=device, dtype=torch.float32) * stride
+            xs = torch.arange(w, device=device, dtype=torch.float32) * stride_x
+            ys = torch.arange(h, device=device, dtype=torch.float32) * stride_y
             sy, sx = torch.meshgrid(ys, xs, indexing="ij")
             shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), dim=1)
             grids.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))

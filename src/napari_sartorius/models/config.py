@@ -119,7 +119,8 @@ class ModelConfig:
         anchor_sizes: one tuple of sizes (pixels, at the network's input scale) per feature level:
             5 levels (P2-P6) for FPN, 1 (res4) for C4.
         aspect_ratios: anchor height / width, the same at every level.
-        round_anchors: round anchor corners to integers (torchvision) or not (detectron2).
+        round_anchors: torchvision anchor convention (corners rounded to integers, strides inferred as
+            padded input size // feature size) instead of detectron2's (exact corners, fixed strides).
         rpn_*: RPN proposal counts (pre-NMS counts are per feature level) and thresholds.
         roi_batch_size_per_image, roi_positive_fraction: RoI sampling in training.
         pooler_aligned, pooler_sampling_ratio: RoIAlign half-pixel alignment (detectron2's ROIAlignV2:

@@ -1,0 +1,222 @@
+"""The Mask R-CNN engine: runs a model on images and returns :class:`~napari_sartorius.instances.Instances`.
+
+Engine contract (what inference consumes): ``name``, ``class_names`` and
+``predict_batch(images) -> list[Instances]``. Images are ``(H, W)`` grayscale or ``(H, W, 3)`` RGB,
+uint8 or float in 0..255; each is resized inside the model to ``config.min_size_test`` and the
+results come back in the image's own pixels, with raw scores (above ``config.score_thresh_test``,
+overlaps kept) and masks as **crops**: the mask head's ``M x M`` probabilities resampled onto the integer
+pixel window around each box, exactly as detectron2's ``paste_masks_in_image`` samples them (bilinear at
+pixel centres, the ``M x M`` grid spanning the float box, zero outside it) but never into a full image.
+
+On CUDA the forward runs under fp16 autocast. A CUDA out-of-memory error prints a warning that names the
+batch and moves the engine to the CPU for good (the batch is then run again there).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..instances import Instances
+from .config import ModelConfig
+
+__all__ = ["MaskRCNNEngine", "resolve_device", "paste_mask_crop", "image_to_tensor"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None: CUDA if available, then MPS, then CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An ``(H, W)`` or ``(H, W, 3)`` image (uint8 or float 0..255) as a float32 ``(3, H, W)`` RGB tensor.
+
+    Raises ValueError for other shapes, empty images or non-finite values.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[None], 3, axis=0)
+    elif arr.ndim == 3 and arr.shape[2] == 3:
+        arr = np.moveaxis(arr, 2, 0)
+    else:
+        raise ValueError(
+            f"an image must be (H, W) grayscale or (H, W, 3) RGB, got shape {arr.shape}: "
+            "convert it (e.g. drop an alpha channel, take one plane of a stack) first"
+        )
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"empty image of shape {np.asarray(image).shape}")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"images must hold numbers in 0..255, got dtype {arr.dtype}")
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(out).all():
+        raise ValueError("the image holds NaN or infinite values")
+    return out
+
+
+def _interp_weights(coords: np.ndarray, m: int) -> np.ndarray:
+    """``(n, m)`` bilinear weights of sample positions ``coords`` (in mask pixel-index units, pixel
+    centres at 0..m-1) on a length-``m`` grid; neighbours outside the grid count as zero."""
+    lo = np.floor(coords)
+    frac = (coords - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
+    w = np.zeros((len(coords), m + 2), np.float32)  # one padding column each side
+    rows = np.arange(len(coords))
+    w[rows, np.clip(lo + 1, 0, m + 1)] += 1.0 - frac
+    w[rows, np.clip(lo + 2, 0, m + 1)] += frac
+    return w[:, 1 : m + 1]
+
+
+def paste_mask_crop(mask: np.ndarray, box, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resample an ``(M, M)`` mask over the float box ``(x0, y0, x1, y1)`` onto its pixel window.
+
+    Returns the float32 crop ``(h, w)`` and its origin ``(y0, x0)``: the window covers the pixels the box
+    touches plus one on each side (``floor(x0) - 1 .. ceil(x1) + 1``, detectron2's paste window), clipped
+    to the image, at least one pixel. Pixel ``(y, x)``
+    samples the mask at ``((x + 0.5 - x0) / (x1 - x0)) * M - 0.5`` (and likewise in y), bilinear, zero
+    outside the mask: the values detectron2's ``paste_masks_in_image`` writes into the full image.
+    """
+    mask = np.asarray(mask, np.float32)
+    mh, mw = mask.shape
+    h_img, w_img = image_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    # detectron2's window: one pixel beyond the box each side (bilinear spreads half a mask cell)
+    cx0 = min(max(int(math.floor(x0)) - 1, 0), w_img - 1)
+    cy0 = min(max(int(math.floor(y0)) - 1, 0), h_img - 1)
+    cx1 = min(max(int(math.ceil(x1)) + 1, cx0 + 1), w_img)
+    cy1 = min(max(int(math.ceil(y1)) + 1, cy0 + 1), h_img)
+    xs = (np.arange(cx0, cx1, dtype=np.float64) + 0.5 - x0) / max(x1 - x0, 1e-6) * mw - 0.5
+    ys = (np.arange(cy0, cy1, dtype=np.float64) + 0.5 - y0) / max(y1 - y0, 1e-6) * mh - 0.5
+    crop = _interp_weights(ys, mh) @ mask @ _interp_weights(xs, mw).T
+    return np.clip(crop, 0.0, 1.0).astype(np.float32), (cy0, cx0)
+
+
+class MaskRCNNEngine:
+    """Runs a Mask R-CNN of this project on images (the engine contract).
+
+    Args:
+        model: a model from :func:`~.architectures.build_model` (or :func:`~.checkpoint.load_checkpoint`).
+        config: its :class:`ModelConfig` (class names, thresholds).
+        device: "cpu", "cuda", "cuda:1", "mps" or "auto".
+        name: shown in progress and fusion reports (default: the architecture).
+        amp: fp16 autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        device: str | torch.device = "cpu",
+        *,
+        name: str | None = None,
+        amp: bool = True,
+    ) -> None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.class_names: tuple[str, ...] = tuple(config.class_names)
+        self.name = name or config.provenance.get("name") or config.arch
+        self.device = resolve_device(device)
+        self.amp = bool(amp)
+        self.model = model.eval().to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> MaskRCNNEngine:
+        """Load a checkpoint (see :func:`~.checkpoint.load_checkpoint`); ``name`` defaults to the file stem."""
+        from .checkpoint import load_checkpoint
+
+        model, config = load_checkpoint(path, map_location="cpu")
+        kwargs.setdefault("name", Path(path).stem)
+        return cls(model, config, device=device, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"MaskRCNNEngine({self.name!r}, arch={self.config.arch}, device={self.device})"
+
+    # -- running ------------------------------------------------------------------------------
+    def predict(self, image: np.ndarray) -> Instances:
+        """:meth:`predict_batch` of one image."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Instances of each image, in that image's pixel coordinates (one network pass for the batch)."""
+        tensors = [image_to_tensor(img) for img in images]
+        if not tensors:
+            return []
+        outputs = self._run_with_fallback(tensors)
+        return [self._to_instances(out, tuple(t.shape[-2:])) for out, t in zip(outputs, tensors)]
+
+    def _run_with_fallback(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        try:
+            return self._run(tensors)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if self.device.type == "cpu" or not _is_oom(exc):
+                raise
+            shapes = ", ".join(f"{t.shape[1]}x{t.shape[2]}" for t in tensors)
+            warnings.warn(
+                f"{self.name}: out of GPU memory on {self.device} for {len(tensors)} image(s) of {shapes} "
+                f"at test size {self.config.min_size_test} ({str(exc).splitlines()[0][:100]}); continuing "
+                "on the CPU, which is much slower. Fewer TTA variants, smaller tiles or a smaller "
+                "min_size_test keep it on the GPU.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.device = torch.device("cpu")
+            return self._run(tensors)
+
+    def _run(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """One eval forward on ``self.device``; outputs as float32 CPU tensors."""
+        use_amp = self.amp and self.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+        with torch.inference_mode(), ctx:
+            outputs = self.model([t.to(self.device) for t in tensors])
+        result = []
+        for out in outputs:
+            result.append(
+                {
+                    "boxes": out["boxes"].float().cpu(),
+                    "scores": out["scores"].float().cpu(),
+                    "labels": out["labels"].cpu(),
+                    "masks": out["masks"].float().cpu(),
+                }
+            )
+        return result
+
+    def _to_instances(self, out: dict[str, torch.Tensor], image_size: tuple[int, int]) -> Instances:
+        boxes = out["boxes"].numpy().astype(np.float32)
+        masks = out["masks"].numpy()
+        crops, origins = [], []
+        for box, mask in zip(boxes, masks):
+            crop, origin = paste_mask_crop(mask[0], box, image_size)
+            crops.append(crop)
+            origins.append(origin)
+        return Instances(
+            image_size=image_size,
+            boxes=boxes,
+            scores=out["scores"].numpy(),
+            classes=out["labels"].numpy().astype(np.int64) - 1,
+            masks=crops,
+            mask_origins=np.asarray(origins, np.int64).reshape(-1, 2),
+        )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
