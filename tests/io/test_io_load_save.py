@@ -60,6 +60,16 @@ def test_format_inferred_from_path(tmp_path):
     assert (tmp_path / "folder" / "s1_labels.tif").is_file()
 
 
+def test_results_with_companion_and_bom(tmp_path):
+    save_annotations(_aset(), tmp_path / "gt.json", "coco")
+    (tmp_path / "none.json").write_text("[]")
+    aset = load_annotations(tmp_path / "none.json", companion=tmp_path / "gt.json")
+    assert [im.image_id for im in aset] == ["s1", "s2"] and all(len(im.instances) == 0 for im in aset)
+    text = (tmp_path / "gt.json").read_text()
+    (tmp_path / "bom.json").write_text("\ufeff" + text, encoding="utf-8")
+    assert len(load_annotations(tmp_path / "bom.json")) == 2
+
+
 def test_single_label_image(tmp_path):
     save_annotations(_aset(), tmp_path / "f", "labels", label_ext=".png")
     aset = load_annotations(tmp_path / "f" / "s2_labels.png")
@@ -78,6 +88,9 @@ def test_errors(tmp_path):
     (tmp_path / "e.json").write_text('{"images": [], "annotations": []}')
     with pytest.raises(ValueError, match="empty annotation set"):
         load_annotations(tmp_path / "e.json")
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty annotation set.*companion"):
+        load_annotations(tmp_path / "none.json")
     with pytest.raises(ValueError, match="no images"):
         save_annotations(AnnotationSet([]), tmp_path / "o.json")
     with pytest.raises(ValueError, match="unknown annotation format 'xml'"):

@@ -85,7 +85,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return "labels"
     ext = path.suffix.lower()
     if ext == ".json":
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
             head = fh.read(4096).lstrip()
         if head.startswith("["):
             return "results"
@@ -149,7 +149,13 @@ def load_annotations(
             for im in aset:
                 check_size_against_image(im.image_id, im.instances.image_size, images_dir, path)
     if len(aset) == 0:
-        raise ValueError(f"{path} holds no images: an empty annotation set")
+        hint = (
+            " (a COCO results list without detections names no images: pass companion=, the "
+            "instance file of its images)"
+            if fmt == "results"
+            else ""
+        )
+        raise ValueError(f"{path} holds no images: an empty annotation set{hint}")
     return aset
 
 
