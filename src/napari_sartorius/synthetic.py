@@ -73,7 +73,7 @@ _STYLES: dict[str, _Style] = {
         area_range=(600, 1500), count_range=(40, 90), aspect_range=(1.0, 2.2), arms=(2, 6),
         arm_length=(0.8, 2.2), arm_width=0.16, wobble=0.22, clustered=0.4, cluster_spread=2.0,
         max_overlap=0.15, gap=0, neurites=(0, 2), neurite_length=(20, 80), debris=20,
-        bright_fraction=0.0, thickness=(0.5, 0.9), grain=(0.5, 1.2),
+        bright_fraction=0.0, thickness=(0.8, 1.4), grain=(1.2, 2.5),
     ),
     "cort": _Style(
         area_range=(150, 300), count_range=(20, 40), aspect_range=(1.0, 1.5), arms=(0, 1),
