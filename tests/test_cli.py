@@ -1,0 +1,100 @@
+"""The command line is a contract: names, outputs, exit statuses, one-line errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_sartorius.annotations import AnnotationSet
+from napari_sartorius.cli import main
+from napari_sartorius.io import load_annotations, save_annotations
+from napari_sartorius.io.label_images import read_label_image
+from napari_sartorius.synthetic import make_sample
+
+SHAPE = (96, 128)
+
+
+@pytest.fixture
+def truth(tmp_path):
+    """Two small synthetic images with their ground truth as COCO JSON, plus the image files."""
+    from skimage.io import imsave
+
+    images = tmp_path / "images"
+    images.mkdir()
+    anns = []
+    for style, seed in (("cort", 1), ("astro", 2)):
+        s = make_sample(style, seed=seed, shape=SHAPE)
+        name = f"{style}_{seed}"
+        imsave(images / f"{name}.png", s.image, check_contrast=False)
+        im = s.to_annotations(name)
+        im.file_name = f"{name}.png"
+        anns.append(im)
+    gt = tmp_path / "gt.json"
+    save_annotations(AnnotationSet(anns), gt, "coco")
+    return gt, images
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_json_contract_and_perfect_score(truth, capsys):
+    gt, _ = truth
+    code, out, _ = run(capsys, "evaluate", "--pred", gt, "--gt", gt, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= {"score", "per_class", "coco_ap", "n_images"}
+    assert result["score"] == pytest.approx(1.0)
+    assert result["n_images"] == 2
+    assert set(result["per_class"]) == {"cort", "astro"}
+
+
+def test_convert_between_all_formats_is_lossless(truth, tmp_path, capsys):
+    gt, images = truth
+    csv = tmp_path / "a.csv"
+    labels = tmp_path / "labels"
+    coco = tmp_path / "back.json"
+    assert run(capsys, "convert", gt, "--to", "csv", "--out", csv)[0] == 0
+    assert run(capsys, "convert", csv, "--to", "labels", "--out", labels)[0] == 0
+    assert run(capsys, "convert", labels, "--to", "coco", "--out", coco, "--images", images)[0] == 0
+    a, b = load_annotations(gt).by_id(), load_annotations(coco).by_id()
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key].instances.to_label_image() > 0, b[key].instances.to_label_image() > 0)
+        assert len(a[key].instances) == len(b[key].instances)
+    code, out, _ = run(capsys, "evaluate", "--pred", labels, "--gt", gt, "--json")
+    assert code == 0 and json.loads(out)["score"] == pytest.approx(1.0)
+
+
+def test_bad_input_gives_one_line_and_nonzero_status(tmp_path, capsys):
+    code, out, err = run(capsys, "evaluate", "--pred", tmp_path / "missing.json", "--gt", tmp_path / "missing.json")
+    assert code != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "missing.json" in err
+    broken = tmp_path / "broken.csv"
+    broken.write_text("id,annotation,width,height,cell_type\nx,1 5 99999 3,10,10,cort\n")
+    code, _, err = run(capsys, "convert", broken, "--to", "coco", "--out", tmp_path / "o.json")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_help_everywhere(capsys):
+    for cmd in ("demo", "segment", "evaluate", "convert", "models", "init-model", "import-detectron2", "train"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: napari-sartorius" in capsys.readouterr().out
+
+
+def test_models_lists_the_six_architectures(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    assert [r[0] for r in rows] == [
+        "mask_rcnn_R_50_C4", "mask_rcnn_R_50_FPN", "mask_rcnn_R_101_C4", "mask_rcnn_R_101_FPN",
+        "mask_rcnn_X_101_32x8d_FPN", "cascade_mask_rcnn_X_152_32x8d_FPN",
+    ]
+    counts = [float(r[1]) for r in rows]
+    assert 40 < counts[1] < 50 and counts[-1] > counts[-2] > counts[1]
