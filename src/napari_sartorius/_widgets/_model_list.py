@@ -65,6 +65,9 @@ class ModelEntry:
 
                     self._cache[key] = ClassicalEngine()
                 else:
+                    from ._torch_import import guard_torch_import
+
+                    guard_torch_import()
                     from ..models.predictor import MaskRCNNEngine
 
                     self._cache[key] = MaskRCNNEngine.from_checkpoint(self.path, device=device)

@@ -63,6 +63,23 @@ class Cancelled(Exception):
     """Raised inside the worker when the user pressed Cancel."""
 
 
+class SegmentError(Exception):
+    """A RuntimeError from a model, re-raised under another type.
+
+    superqt's generator worker takes any RuntimeError leaving the generator for "the worker object was
+    deleted" and ends silently: no ``errored``, no ``finished``. torch reports most failures (CUDA out
+    of memory, shape mismatches) as RuntimeError, so they would leave the dock busy forever.
+    """
+
+
+def _segment_planes(planes, entries, device: str, options: dict, stop: threading.Event):
+    """Worker generator (see :func:`_segment_planes_impl`); model RuntimeErrors become SegmentError."""
+    try:
+        return (yield from _segment_planes_impl(planes, entries, device, options, stop))
+    except RuntimeError as e:
+        raise SegmentError(str(e) or type(e).__name__) from e
+
+
 def _spatial_planes(layer) -> tuple[np.ndarray, tuple[int, ...], bool]:
     """The layer's data as ``(planes, lead_shape, rgb)``.
 
@@ -96,12 +113,15 @@ def _as_engine_input(plane) -> np.ndarray:
     return to_uint8_gray(arr, "image layer")
 
 
-def _segment_planes(planes, entries, device: str, options: dict, stop: threading.Event):
+def _segment_planes_impl(planes, entries, device: str, options: dict, stop: threading.Event):
     """Worker generator: load the engines, segment each plane, return the raw instances.
 
     Yields ``(fraction done in [0, 1], message)``; returns ``(list of Instances, class names)``.
     Runs in a worker thread; touches no Qt object.
     """
+    from ._torch_import import guard_torch_import
+
+    guard_torch_import()  # the inference and model modules import torch
     from ..inference.segment import segment_image
 
     engines, weights = [], []
@@ -375,7 +395,14 @@ class SegmentCellsWidget(Container):
         self._stop = threading.Event()
         self.last_error = None
         worker = create_worker(
-            _segment_planes, planes, entries, self.device.value, options, self._stop, _start_thread=False
+            _segment_planes,
+            planes,
+            entries,
+            self.device.value,
+            options,
+            self._stop,
+            _start_thread=False,
+            _ignore_errors=True,  # errors become notifications in _on_errored
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda res, _layer=layer, _lead=lead: self._on_returned(res, _layer, _lead))
