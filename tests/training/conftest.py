@@ -12,10 +12,10 @@ from napari_sartorius.training.data import dataset_from_annotations
 def tiny_config(**changes) -> ModelConfig:
     """R50-FPN with tiny inputs, few proposals and RoIs, a narrow box head, a frozen body."""
     base = dict(
-        min_size_train=(128,), max_size_train=192, min_size_test=128, max_size_test=192,
+        min_size_train=(96,), max_size_train=160, min_size_test=96, max_size_test=160,
         roi_batch_size_per_image=16, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
         rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_head_dim=64, freeze_at=5,
-        detections_per_img=100,
+        detections_per_img=20,
     )
     base.update(changes)
     return ModelConfig("mask_rcnn_R_50_FPN", **base)

@@ -57,8 +57,10 @@ class AugmentationSettings:
         crop: take a random crop of each image before anything else.
         crop_relative_range: ``(min_h, min_w)`` fractions; the crop's height is ``H * U(min_h, 1)`` and
             its width ``W * U(min_w, 1)`` (detectron2's ``RandomCrop("relative_range", ...)``).
-        resize: resize so that the short edge is one of ``short_edges`` (chosen uniformly) and the long
-            edge at most ``max_size`` (detectron2's ``ResizeShortestEdge(..., "choice")``).
+        resize: multi-scale training: resize each image so that the short edge is one of ``short_edges``
+            (chosen uniformly) and the long edge at most ``max_size`` (detectron2's
+            ``ResizeShortestEdge(..., "choice")``). The trainer hands these sizes to the model's own
+            resize step; off = a single scale, the model's test size.
         short_edges: candidate short-edge lengths in pixels; ``None`` = the model's ``min_size_train``.
         max_size: long-edge limit in pixels; ``None`` = the model's training maximum.
         hflip, vflip: flip left-right / up-down, each with probability 0.5.
@@ -401,13 +403,20 @@ class TrainTransform:
     """The whole training-time augmentation of one sample.
 
     Order: random crop (done on the mask crops, before any full-image mask exists, to save memory),
-    full-image masks built, flips, rotations, resize, photometric jitter, boxes recomputed from the
+    full-image masks built, flips, rotations, (resize), photometric jitter, boxes recomputed from the
     masks, small/vanished instances dropped.
+
+    Resizing: the project's models resize every training image themselves (detectron2's
+    ``ResizeShortestEdge`` rule, a short edge drawn per image from the model's ``min_size_train``), and
+    the trainer sets those sizes from ``settings.resize/short_edges/max_size``; so by default this
+    pipeline does **not** resize. Pass ``short_edges`` to resize here instead (for a model that does not
+    resize its inputs): :class:`ResizeShortestEdge` then runs after the other geometric transforms,
+    and masks are resized as uint8 (nearest neighbour).
 
     Args:
         settings: the augmentations to run.
-        short_edges, max_size: resize targets used when ``settings`` leaves them ``None``
-            (the trainer passes the model's training sizes); with no sizes at all, no resize.
+        short_edges, max_size: resize in the pipeline to a short edge drawn from ``short_edges``
+            (long edge at most ``max_size``); None: no resize here.
     """
 
     def __init__(
@@ -419,8 +428,8 @@ class TrainTransform:
     ) -> None:
         self.settings = settings or AugmentationSettings()
         s = self.settings
-        edges = s.short_edges if s.short_edges is not None else short_edges
-        msize = s.max_size if s.max_size is not None else max_size
+        edges = short_edges
+        msize = max_size
         geo: list[v2.Transform] = []
         if s.hflip:
             geo.append(v2.RandomHorizontalFlip(0.5))
@@ -430,7 +439,7 @@ class TrainTransform:
             geo.append(RandomRotation90())
         if s.rotation_degrees > 0:
             geo.append(RandomSmallRotation(s.rotation_degrees))
-        self.resize_enabled = bool(s.resize and edges)
+        self.resize_enabled = bool(edges)
         if self.resize_enabled:
             geo.append(ResizeShortestEdge(tuple(edges), msize))
         photo: list[v2.Transform] = []

@@ -92,6 +92,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         transform: augmentation applied per item (``None``: none, image and masks as they are).
         sources: human-readable origin of the data (file paths, "2 image/labels pairs"), recorded in
             the trained checkpoint's provenance.
+        require_cells: refuse a dataset without any cell (right for training; a validation set may
+            hold only negative images).
 
     Raises:
         ValueError: no image, or no cell in any image, or a class index outside ``class_names``.
@@ -103,6 +105,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         class_names: Sequence[str] = DEFAULT_CLASSES,
         transform: Callable | None = None,
         sources: Sequence[str] = (),
+        *,
+        require_cells: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.class_names = tuple(str(c) for c in class_names)
@@ -112,7 +116,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             raise ValueError("the training data holds no image")
         if not self.class_names:
             raise ValueError("the training data has no class names")
-        if sum(s.n_cells for s in self.samples) == 0:
+        if require_cells and sum(s.n_cells for s in self.samples) == 0:
             raise ValueError(
                 f"none of the {len(self.samples)} training image(s) has any annotated cell: "
                 "label some cells (images without cells are only used as negative examples)"
@@ -165,9 +169,13 @@ class TrainingDataset(torch.utils.data.Dataset):
         """The same samples with another augmentation (no copy of the pixels)."""
         return TrainingDataset(self.samples, self.class_names, transform, self.sources)
 
-    def subset(self, indices: Sequence[int]) -> TrainingDataset:
-        """The samples at ``indices`` (raises like the constructor when they hold no cell)."""
-        return TrainingDataset([self.samples[int(i)] for i in indices], self.class_names, self.transform, self.sources)
+    def subset(self, indices: Sequence[int], *, require_cells: bool = True) -> TrainingDataset:
+        """The samples at ``indices`` (raises like the constructor when they hold no cell and
+        ``require_cells``)."""
+        return TrainingDataset(
+            [self.samples[int(i)] for i in indices], self.class_names, self.transform, self.sources,
+            require_cells=require_cells,
+        )
 
     def annotation_set(self) -> AnnotationSet:
         """The ground truth as an :class:`AnnotationSet` (what the metric consumes)."""
