@@ -310,7 +310,7 @@ def load_backbone_weights(model: CellMaskRCNN, weights) -> list[str]:
         detail = (wrong or missing)[:3]
         raise ValueError(
             f"{source} does not fit the {model.config.arch} backbone "
-            f"({len(wrong)} unexpected/mis-shaped, {len(missing)} missing; e.g. {', '.join(detail)}): "
+            f"({len(wrong)} unexpected or mis-shaped, {len(missing)} missing; e.g. {', '.join(detail)}): "
             "give the torchvision ImageNet weights of the same ResNet/ResNeXt depth"
         )
     with torch.no_grad():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
@@ -88,8 +89,23 @@ def build_resnet_body(config: ModelConfig) -> tv_resnet.ResNet:
                     deform_groups=config.deform_num_groups,
                     modulated=config.deform_modulated,
                 )
+    _fixup_residuals(body)
     freeze_body(body, config.freeze_at)
     return body
+
+
+def _fixup_residuals(body: tv_resnet.ResNet) -> None:
+    """Start every residual branch at zero (Fixup, Zhang et al. 2019: last conv zero, the others scaled
+    by ``L ** -0.25`` for L blocks). FrozenBN does not normalise, so with plain He init the activations
+    of a random ResNet-101 reach ~1e4 and the RPN yields no valid box. Pretrained weights, when loaded,
+    replace all of this."""
+    blocks = [b for stage in (body.layer1, body.layer2, body.layer3, body.layer4) for b in stage]
+    scale = len(blocks) ** -0.25
+    with torch.no_grad():
+        for block in blocks:
+            block.conv1.weight.mul_(scale)
+            block.conv2.weight.mul_(scale)
+            block.conv3.weight.zero_()
 
 
 def freeze_body(body: tv_resnet.ResNet, freeze_at: int) -> None:
