@@ -98,3 +98,49 @@ def test_models_lists_the_six_architectures(capsys):
     ]
     counts = [float(r[1]) for r in rows]
     assert 40 < counts[1] < 50 and counts[-1] > counts[-2] > counts[1]
+
+
+def test_demo_writes_labels_predictions_and_prints_its_score(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 0
+    labels = read_label_image(tmp_path / "demo" / "labels.tif")
+    assert labels.shape == (520, 704) and labels.max() > 5
+    preds = json.loads((tmp_path / "demo" / "predictions.json").read_text())
+    assert preds and {"image_id", "category_id", "segmentation", "score", "bbox"} <= set(preds[0])
+    score = float(out.split("competition score vs. ground truth:")[1].split()[0])
+    assert 0.1 < score <= 1.0
+
+
+def test_segment_folder_writes_traceable_outputs(truth, tmp_path, capsys):
+    gt, images = truth
+    out_dir = tmp_path / "seg"
+    code, out, err = run(capsys, "segment", images, "--out", out_dir, "--tta", "flips", "--cell-type", "cort")
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.glob("*_labels.tif")) == ["astro_2_labels.tif", "cort_1_labels.tif"]
+    preds = json.loads((out_dir / "predictions.json").read_text())
+    assert {p["file_name"] for p in preds} <= {"astro_2.png", "cort_1.png"}
+    assert all(p["category_id"] == 3 for p in preds)  # --cell-type cort
+    # what was written scores against the truth through the same contract
+    code, out, _ = run(capsys, "evaluate", "--pred", out_dir / "predictions.json", "--gt", gt, "--json")
+    assert code == 0 and 0.0 <= json.loads(out)["score"] <= 1.0
+
+
+def test_segment_raw_keeps_overlapping_candidates_and_writes_no_labels(truth, tmp_path, capsys):
+    _, images = truth
+    out_dir = tmp_path / "raw"
+    code, _, err = run(capsys, "segment", images / "cort_1.png", "--out", out_dir, "--raw")
+    assert code == 0, err
+    assert not list(out_dir.glob("*_labels.tif"))
+    raw = json.loads((out_dir / "predictions.json").read_text())
+    code, _, err = run(capsys, "segment", images / "cort_1.png", "--out", tmp_path / "clean")
+    cleaned = json.loads((tmp_path / "clean" / "predictions.json").read_text())
+    # post-processing only removes (thresholds, overlaps, sizes); --raw keeps every candidate
+    assert len(raw) >= len(cleaned) and len(raw) > 0
+
+
+def test_segment_rejects_unknown_cell_type_and_missing_model(truth, tmp_path, capsys):
+    _, images = truth
+    code, _, err = run(capsys, "segment", images, "--out", tmp_path / "o", "--cell-type", "glia")
+    assert code == 2 and "glia" in err and "shsy5y" in err
+    code, _, err = run(capsys, "segment", images, "--out", tmp_path / "o", "--model", tmp_path / "none.pt")
+    assert code == 2 and "none.pt" in err
