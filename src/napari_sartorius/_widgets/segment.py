@@ -116,7 +116,7 @@ def _as_engine_input(plane) -> np.ndarray:
 def _segment_planes_impl(planes, entries, device: str, options: dict, stop: threading.Event):
     """Worker generator: load the engines, segment each plane, return the raw instances.
 
-    Yields ``(fraction done in [0, 1], message)``; returns ``(list of Instances, class names)``.
+    Yields ``(fraction done in [0, 1], message, warning or None)``; returns ``(list of Instances, class names)``.
     Runs in a worker thread; touches no Qt object.
     """
     from ._torch_import import guard_torch_import
@@ -128,25 +128,18 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
     for k, entry in enumerate(entries):
         if stop.is_set():
             raise Cancelled()
-        yield 0.0, f"loading {entry.name} ({k + 1}/{len(entries)})"
+        yield 0.0, f"loading {entry.name} ({k + 1}/{len(entries)})", None
         engines.append(entry.get_engine(device))
         weights.append(entry.weight)
+    # segment_image checks that the models know the same classes (and maps their order onto the first's)
     class_names = tuple(engines[0].class_names)
-    for e in engines[1:]:
-        if tuple(e.class_names) != class_names:
-            raise ValueError(
-                f"models disagree on their classes: {engines[0].name} has {class_names}, "
-                f"{e.name} has {tuple(e.class_names)}; an ensemble needs the same classes in the same order"
-            )
     results = []
     n = len(planes)
     for z in range(n):
         if stop.is_set():
             raise Cancelled()
         image = _as_engine_input(planes[z])
-        gen = segment_image(
-            image, engines, weights=weights, stop=stop, **options
-        )
+        gen = segment_image(image, engines, weights=weights, stop=stop, plane=z if n > 1 else None, **options)
         while True:
             try:
                 p = next(gen)
@@ -156,11 +149,11 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
             total = max(int(getattr(p, "total", 1)), 1)
             frac = (z + min(int(getattr(p, "step", 0)), total) / total) / n
             msg = str(getattr(p, "message", ""))
-            yield frac, (f"plane {z + 1}/{n}: {msg}" if n > 1 else msg)
+            yield frac, (f"plane {z + 1}/{n}: {msg}" if n > 1 else msg), getattr(p, "warning", None)
         if stop.is_set() or inst is None:
             raise Cancelled()
         results.append(inst)
-    yield 1.0, "post-processing"
+    yield 1.0, "post-processing", None
     return results, class_names
 
 
@@ -426,9 +419,13 @@ class SegmentCellsWidget(Container):
         self.status.value = "cancelling..."
 
     def _on_progress(self, item) -> None:
-        frac, message = item
+        frac, message, warning = item
         self.progress.value = int(round(1000 * max(0.0, min(1.0, float(frac)))))
         self.status.value = message
+        if warning:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"Segment cells: {warning}")
 
     def _on_returned(self, result, image_layer, lead) -> None:
         if self._stop.is_set():
