@@ -1,0 +1,167 @@
+"""MaskRCNNEngine: the engine contract, mask crops pasted like detectron2, CPU fallback on GPU OOM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_sartorius.instances import Instances
+from napari_sartorius.models.architectures import build_model
+from napari_sartorius.models.checkpoint import save_checkpoint
+from napari_sartorius.models.config import ModelConfig
+from napari_sartorius.models.predictor import MaskRCNNEngine, image_to_tensor, paste_mask_crop, resolve_device
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    config = ModelConfig(
+        "mask_rcnn_R_50_FPN",
+        min_size_test=128,
+        max_size_test=256,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        detections_per_img=30,
+        score_thresh_test=0.0,
+    )
+    return MaskRCNNEngine(build_model(config), config, device="cpu", name="tiny")
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    gray = (rng.random((96, 140)) * 255).astype(np.uint8)
+    rgb = rng.random((120, 80, 3)).astype(np.float32) * 255
+    return [gray, rgb]
+
+
+def test_engine_contract_and_crops(engine):
+    assert engine.name == "tiny" and engine.class_names == ("shsy5y", "astro", "cort")
+    images = _images()
+    results = engine.predict_batch(images)
+    assert len(results) == 2
+    for inst, img in zip(results, images):
+        assert isinstance(inst, Instances) and inst.image_size == img.shape[:2]
+        assert 0 < len(inst) <= 30
+        assert inst.classes.min() >= 0 and inst.classes.max() < 3
+        for i, box in enumerate(inst.boxes):
+            crop = inst.masks[i]
+            y0, x0 = inst.mask_origins[i]
+            # a crop around its box (one pixel margin), never a full-image mask
+            assert x0 >= np.floor(box[0]) - 1 and y0 >= np.floor(box[1]) - 1
+            assert x0 + crop.shape[1] <= np.ceil(box[2]) + 1 and y0 + crop.shape[0] <= np.ceil(box[3]) + 1
+            assert crop.dtype == np.float32 and 0 <= crop.min() and crop.max() <= 1
+    assert engine.predict(images[0]).image_size == (96, 140)
+    assert engine.predict_batch([]) == []
+
+
+def test_batch_equals_single_images_of_the_same_size(engine):
+    # (images of different sizes are zero-padded to a common size in a batch, which changes the
+    # features near their borders, as in detectron2)
+    gray = _images()[0]
+    other = np.ascontiguousarray(gray[::-1])
+    batch = engine.predict_batch([gray, other])
+    single = engine.predict(other)
+    np.testing.assert_allclose(batch[1].boxes, single.boxes, atol=1e-3)
+    np.testing.assert_allclose(batch[1].scores, single.scores, atol=1e-5)
+
+
+def _reference_paste(mask, box, size):
+    """detectron2's paste_masks_in_image for one mask, written with grid_sample, over the full image."""
+    x0, y0, x1, y1 = box
+    h, w = size
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5 - y0) / (y1 - y0) * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    m = torch.from_numpy(mask).double()[None, None]
+    return F.grid_sample(m, grid, align_corners=False)[0, 0].numpy()
+
+
+def test_paste_mask_crop_matches_detectron2_paste():
+    rng = np.random.default_rng(1)
+    size = (60, 80)
+    for _ in range(100):
+        mask = rng.random((28, 28)).astype(np.float32)
+        x0, y0 = rng.uniform(0, 75), rng.uniform(0, 55)
+        box = (x0, y0, min(x0 + rng.uniform(0.5, 50), 80), min(y0 + rng.uniform(0.5, 50), 60))
+        crop, (cy, cx) = paste_mask_crop(mask, box, size)
+        full = np.zeros(size)
+        full[cy : cy + crop.shape[0], cx : cx + crop.shape[1]] = crop
+        np.testing.assert_allclose(full, _reference_paste(mask, box, size), atol=1e-5)
+
+
+def test_paste_mask_crop_degenerate_and_edge_boxes():
+    mask = np.ones((28, 28), np.float32)
+    crop, origin = paste_mask_crop(mask, (79.5, 10, 80, 20), (60, 80))
+    assert origin[1] + crop.shape[1] <= 80 and crop.shape[1] >= 1
+    crop, origin = paste_mask_crop(mask, (80, 59.9, 80, 60), (60, 80))  # zero width at the edge
+    assert crop.shape[0] >= 1 and crop.shape[1] >= 1 and origin == (58, 79)
+    crop, origin = paste_mask_crop(mask, (10, 10, 20, 20), (60, 80))
+    assert origin == (9, 9) and crop.shape == (12, 12)
+    assert crop[1:-1, 1:-1].min() == pytest.approx(1.0) and crop[0].max() == 0.0
+
+
+def test_image_checks():
+    assert image_to_tensor(np.zeros((5, 6), np.uint8)).shape == (3, 5, 6)
+    assert image_to_tensor(np.zeros((5, 6, 1), np.uint8)).shape == (3, 5, 6)
+    rgb = np.zeros((5, 6, 3), np.float32)
+    rgb[..., 2] = 7
+    assert image_to_tensor(rgb)[2].max() == 7
+    for bad in (np.zeros((2, 5, 6)), np.zeros((5, 6, 4)), np.zeros(5), np.zeros((0, 6))):
+        with pytest.raises(ValueError, match="image"):
+            image_to_tensor(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        image_to_tensor(np.full((4, 4), np.nan, np.float32))
+
+
+def test_cuda_out_of_memory_falls_back_to_cpu(engine, monkeypatch):
+    calls = []
+    real_run = engine._run
+
+    def flaky_run(tensors):
+        calls.append(engine.device.type)
+        if engine.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(tensors)
+
+    monkeypatch.setattr(engine, "_run", flaky_run)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    with pytest.warns(RuntimeWarning, match="out of GPU memory.*1 image.*CPU"):
+        (inst,) = engine.predict_batch(_images()[:1])
+    assert calls == ["cuda", "cpu"] and engine.device.type == "cpu" and len(inst) > 0
+
+
+def test_other_errors_are_not_swallowed(engine, monkeypatch):
+    def broken(tensors):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(engine, "_run", broken)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        engine.predict_batch(_images()[:1])
+
+
+def test_from_checkpoint(engine, tmp_path):
+    path = tmp_path / "cells-r50.pt"
+    save_checkpoint(path, engine.model, engine.config)
+    loaded = MaskRCNNEngine.from_checkpoint(path, device="cpu")
+    assert loaded.name == "cells-r50" and loaded.class_names == engine.class_names
+    img = _images()[0]
+    a, b = engine.predict(img), loaded.predict(img)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
