@@ -208,3 +208,18 @@ def test_bad_starts_and_settings(tmp_path):
         run_training(train(tmp_path / "c.pt", data, _settings(iters=2)))
     res = run_training(train(tmp_path / "c.pt", data, _settings(iters=1, resume=False)))
     assert res.iterations == 1
+
+
+def test_training_sizes_go_to_the_model_transform():
+    from dataclasses import replace
+
+    from napari_sartorius.training.augment import AugmentationSettings
+    from napari_sartorius.training.trainer import _set_train_sizes
+
+    cfg = tiny_config()
+    model = build_model(cfg)
+    new = _set_train_sizes(model, cfg, TrainSettings(augment=AugmentationSettings(short_edges=(64, 80), max_size=120)))
+    assert tuple(model.transform.min_size) == (64, 80) and model.transform.max_size == 120
+    assert new.min_size_train == (64, 80) and new.max_size_train == 120
+    _set_train_sizes(model, cfg, TrainSettings(augment=replace(AugmentationSettings(), resize=False)))
+    assert tuple(model.transform.min_size) == (cfg.min_size_test,)
