@@ -99,7 +99,8 @@ def test_augmentation_controls_mirror_the_settings():
 
 
 def test_defaults_pick_the_selected_image_and_its_labels(viewer, tmp_path):
-    dock = FineTuneWidget(viewer)
+    _, dock = viewer.window.add_plugin_dock_widget("napari-sartorius", "Fine-tune")
+    assert isinstance(dock, FineTuneWidget)
     (row,) = dock.pair_rows
     assert row.image_layer.value is viewer.layers["cells"]
     assert row.labels_layer.value is viewer.layers["cells labels"]
@@ -116,6 +117,42 @@ def test_defaults_pick_the_selected_image_and_its_labels(viewer, tmp_path):
     # a starting checkpoint brings its own architecture
     dock.start_checkpoint.value = tmp_path / "finetuned.pt"
     assert not dock.architecture.enabled and dock.resume.enabled
+
+
+def test_controls_map_onto_the_training_settings(viewer, tmp_path):
+    pytest.importorskip("torch")
+    from napari_sartorius.training.augment import AugmentationSettings
+    from napari_sartorius.training.trainer import TrainSettings
+
+    dock = _dock(viewer, tmp_path, iterations=40)
+    kw, aug = dock.train_settings(tmp_path / "m.pt", validating=False)
+    assert "freeze_at" not in kw and kw["eval_period"] == 0 and kw["warmup_iters"] == 4
+    assert "short_edges" not in aug  # training size 0: the model's own sizes
+    dock.train_size.value = 128
+    dock.freeze.value = 2
+    dock.aug_strengths["brightness"].value = 0.3
+    kw, aug = dock.train_settings(tmp_path / "m.pt", validating=True)
+    assert kw["freeze_at"] == 2 and kw["eval_period"] == dock.eval_period.value
+    assert aug["short_edges"] == (102, 115, 128, 141, 154) and aug["brightness"] == 0.3
+    settings = TrainSettings(**kw, augment=AugmentationSettings(**aug))
+    assert settings.out == str(tmp_path / "m.pt") and settings.augment.resize
+    dock.aug_switches["resize"].value = False  # a single scale: exactly the training size
+    _, aug = dock.train_settings(tmp_path / "m.pt", validating=False)
+    assert aug["short_edges"] == (128,) and aug["resize"]
+
+
+def test_stacks_give_one_pair_per_plane(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    samples = [make_sample("astro", seed=k, shape=SHAPE) for k in range(2)]
+    viewer.add_image(np.stack([s.image for s in samples]).astype(np.uint16), name="stack")
+    viewer.add_labels(np.stack([s.labels for s in samples]), name="stack labels")
+    dock = _dock(viewer, tmp_path)
+    (row,) = dock.pair_rows
+    assert row.labels_layer.value is viewer.layers["stack labels"]
+    (pair,), val = dock.checked_pairs()
+    assert val is None and len(pair.planes) == 2
+    for (im, lab), s in zip(pair.planes, samples):
+        assert im.dtype == np.uint8 and np.array_equal(im, s.image) and np.array_equal(lab, s.labels)
 
 
 def test_train_from_layers_and_join_the_segment_dock(qtbot, viewer, tmp_path, tiny_checkpoint):

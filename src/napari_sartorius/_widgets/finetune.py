@@ -65,6 +65,8 @@ AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
     "saturation": (0.0, 0.95, 0.05, "Saturation"),
     "lighting": (0.0, 1.0, 0.05, "Lighting (PCA)"),
 }
+#: Short-edge factors of multi-scale training around a chosen training size.
+MULTISCALE = (0.8, 0.9, 1.0, 1.1, 1.2)
 _AUG_LABELS = {"crop": "Random crop", "resize": "Multi-scale resize", "hflip": "Flip left-right",
                "vflip": "Flip up-down", "rot90": "Rotate by 90s"}
 #: Frozen stages offered (detectron2's FREEZE_AT); -1 keeps the starting model's setting.
@@ -133,21 +135,25 @@ def _spatial_shape(layer) -> tuple[int, ...]:
 
 
 def _planes(image: np.ndarray, labels: np.ndarray, rgb: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split ``(..., H, W[, C])`` image / ``(..., H, W)`` labels into 2-D pairs (copies, uint8 images)."""
+    """Split ``(..., H, W[, C])`` image / ``(..., H, W)`` labels into 2-D pairs (copies).
+
+    Each plane is converted to uint8 on its own, with the rules of
+    :func:`napari_sartorius.io.images.to_uint8_gray`, as the Segment cells dock converts the planes it
+    segments: a model is trained on the pixel values it will later be given.
+    """
     from ..io.images import to_uint8_gray
 
     if rgb:
         image = image[..., :3]
-        if image.dtype != np.uint8:
-            image = to_uint8_gray(image, "image layer")  # same mapping on every channel
-        tail = image.shape[-3:]
-    else:
-        image = to_uint8_gray(image, "image layer")
-        tail = image.shape[-2:]
-    lab_tail = labels.shape[-2:]
+    tail = image.shape[-3:] if rgb else image.shape[-2:]
     ims = image.reshape((-1,) + tail)
-    labs = labels.reshape((-1,) + lab_tail)
-    return [(np.array(ims[i]), np.array(labs[i])) for i in range(ims.shape[0])]
+    labs = labels.reshape((-1,) + labels.shape[-2:])
+    out = []
+    for i in range(ims.shape[0]):
+        im = ims[i]
+        im = np.array(im) if im.dtype == np.uint8 else to_uint8_gray(im, "image layer")
+        out.append((im, np.array(labs[i])))
+    return out
 
 
 @dataclass
@@ -364,7 +370,8 @@ class FineTuneWidget(Container):
         self.batch_size = SpinBox(label="Batch size", value=2, min=1, max=64)
         self.train_size = SpinBox(
             label="Training size (px)", value=0, min=0, max=4096, step=32,
-            tooltip="short image edge during training; 0: the model's own sizes (upscaling helps small cells)",
+            tooltip="short image edge during training (upscaling helps small cells); with multi-scale resize "
+            "on, 0.8-1.2 times this. 0: the model's own training sizes (multi-scale on) or test size (off)",
         )
         self.freeze = ComboBox(label="Freeze backbone", choices=FREEZE_CHOICES, value=-1)
         self.device = ComboBox(label="Device", choices=DEVICE_CHOICES, value="auto")
@@ -450,6 +457,8 @@ class FineTuneWidget(Container):
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.add_to_segment_button.changed.connect(lambda *_: self._on_add_to_segment_clicked())
         self.start_checkpoint.changed.connect(self._on_start_changed)
+        # closing the dock (or the viewer) mid-run stops the trainer at its next iteration
+        self.native.destroyed.connect(lambda *_: self._stop.set())
         self.aug_switches["crop"].changed.connect(lambda v: setattr(self.crop_fraction, "enabled", bool(v)))
         layers_events = viewer.layers.events
         for ev in (layers_events.inserted, layers_events.removed, layers_events.reordered):
@@ -609,12 +618,13 @@ class FineTuneWidget(Container):
         )
         if int(self.freeze.value) >= 0:
             kw["freeze_at"] = int(self.freeze.value)
-        size = int(self.train_size.value)
-        if size > 0:
-            kw["min_size_train"] = (size,)
-            kw["max_size_train"] = 2 * size
         aug: dict[str, Any] = {k: bool(w.value) for k, w in self.aug_switches.items()}
         aug.update({k: float(w.value) for k, w in self.aug_strengths.items()})
+        size = int(self.train_size.value)
+        if size > 0:
+            # multi-scale: short edges 0.8..1.2 x the size; off: exactly the size (a single scale)
+            edges = (size,) if not aug["resize"] else tuple(sorted({int(round(size * f)) for f in MULTISCALE}))
+            aug.update(resize=True, short_edges=edges, max_size=2 * max(edges))
         f = float(self.crop_fraction.value)
         aug["crop_relative_range"] = (f, f)
         return kw, aug
