@@ -188,3 +188,24 @@ def test_sample_data(make_napari_viewer, style):
     assert image.data.dtype == np.uint8 and image.data.shape == (520, 704)
     assert labels.data.shape == (520, 704) and labels.data.max() > 0
     assert labels.name == f"{style} ground truth"
+
+
+def test_many_images_open_as_one_stack(tmp_path, monkeypatch):
+    import napari_sartorius._reader as reader
+
+    monkeypatch.setattr(reader, "MAX_SEPARATE_IMAGES", 2)
+    path, samples = _dataset(tmp_path, styles=("cort", "astro", "shsy5y"))
+    layers = read_annotations(path)
+    assert [t for _, _, t in layers] == ["image", "labels"]
+    (stack, imeta, _), (labels, lmeta, _) = layers
+    assert stack.shape == labels.shape == (3,) + SHAPE
+    assert imeta["metadata"]["image_ids"] == list(samples)
+    feats = lmeta["features"]
+    assert len(feats["label"]) == sum(s.n_cells for s in samples.values())
+    for z, s in enumerate(samples.values()):
+        assert np.array_equal(stack[z], s.image)
+        ids = np.unique(labels[z])
+        ids = ids[ids > 0]
+        assert len(ids) == s.n_cells
+        assert set(feats["class"][feats["plane"] == z]) == {s.cell_type}
+    assert len(np.unique(labels)) - 1 == len(feats["label"])  # ids unique across planes
