@@ -372,24 +372,30 @@ def test_export_coco_and_csv(qtbot, viewer_and_dock, tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_imports_safely_after_the_viewer_draws(make_napari_viewer):
-    """In a fresh process: draw with napari (Mesa's LLVM may load), then import torchvision as the
-    dock does. Without the guard this dies with SIGSEGV where triton and Mesa's LLVM meet."""
+def test_napari_with_the_plugin_leaves_torch_alone_and_imports_it_safely_later(make_napari_viewer):
+    """In a fresh process: open napari, a sample and every dock of the plugin: torch stays unloaded.
+    Then import torchvision as the dock does on its first run: without the guard this dies with
+    SIGSEGV where triton and Mesa's LLVM meet (see _widgets/_torch_import.py)."""
     import subprocess
     import sys
 
+    pytest.importorskip("torchvision")
     code = (
-        "import numpy as np, napari\n"
+        "import sys, numpy as np, napari, npe2\n"
         "from qtpy.QtWidgets import QApplication\n"
-        "v = napari.Viewer(show=True); v.add_image(np.zeros((8, 8)))\n"
+        "v = napari.Viewer(show=True)\n"
+        "v.open_sample('napari-sartorius', 'cort')\n"
+        "mf = npe2.PluginManifest.from_distribution('napari-sartorius')\n"
+        "for w in mf.contributions.widgets: v.window.add_plugin_dock_widget('napari-sartorius', w.display_name)\n"
         "QApplication.instance().processEvents()\n"
+        "print('torch loaded at start:', 'torch' in sys.modules)\n"
         "from napari_sartorius._widgets._torch_import import guard_torch_import\n"
         "guard_torch_import()\n"
         "import torch, torchvision.ops\n"
         "print('ok', float(torchvision.ops.box_iou(torch.zeros(1, 4), torch.zeros(1, 4)).sum()))\n"
         "v.close()\n"
     )
-    pytest.importorskip("torchvision")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch loaded at start: False" in out.stdout
     assert "ok" in out.stdout
