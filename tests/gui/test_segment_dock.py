@@ -117,6 +117,15 @@ def test_dock_opens_from_the_manifest(make_napari_viewer):
     assert widget.image_layer.value is viewer.layers["img"]
 
 
+def test_layers_segment_menu_offers_the_dock(make_napari_viewer):
+    from napari._app_model import get_app_model
+
+    make_napari_viewer()
+    items = get_app_model().menus.get_menu("napari/layers/segment")
+    ids = [getattr(getattr(i, "command", None), "id", None) for i in items]
+    assert "napari-sartorius.segment_cells" in ids
+
+
 def test_segment_with_the_classical_engine(qtbot, viewer_and_dock, sample):
     viewer, dock = viewer_and_dock
     assert dock.image_layer.value is viewer.layers["cells"]
