@@ -165,3 +165,16 @@ def test_from_checkpoint(engine, tmp_path):
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+def test_set_test_size_changes_the_network_input(engine, monkeypatch):
+    seen = []
+    monkeypatch.setattr(engine.model.backbone, "forward", lambda x, f=engine.model.backbone.forward: seen.append(x.shape) or f(x))
+    old = engine.config.min_size_test
+    try:
+        engine.set_test_size(64)
+        inst = engine.predict(_images()[0])  # 96 x 140 -> 64 x 93, padded to 64 x 96
+        assert seen[-1][-2:] == (64, 96) and inst.image_size == (96, 140)
+        assert engine.config.min_size_test == 64
+    finally:
+        engine.set_test_size(old)

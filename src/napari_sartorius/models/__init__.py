@@ -6,5 +6,15 @@
 - :mod:`.predictor`: ``MaskRCNNEngine``, the engine that runs a model on images.
 - :mod:`.detectron2_import`, :mod:`.d2_config`: detectron2 checkpoints without detectron2.
 
+What the architectures support of detectron2's options (for the importer and the README):
+``RESNETS.DEPTH`` 50/101/152 with ``NUM_GROUPS``/``WIDTH_PER_GROUP`` 1x64 (R) or 32x8 (X),
+``STRIDE_IN_1X1``, ``FREEZE_AT``, ``DEFORM_ON_PER_STAGE`` (not in a C4 res5 head), ``DEFORM_MODULATED``,
+``DEFORM_NUM_GROUPS``, ``FPN.NORM`` "" or "GN", ``ROI_BOX_HEAD`` ``NUM_CONV``/``NUM_FC``/``FC_DIM``/``NORM``
+("" or "GN"; conv dim 256), ``ROI_MASK_HEAD`` ``NUM_CONV``/``NORM`` (conv dim 256), ``ROIAlignV2`` or
+``ROIAlign`` with any sampling ratio, any anchor sizes/ratios (one ratio set for all levels), cascade IoUs
+and box weights. Not supported: backbone norms other than FrozenBN (``RESNETS.NORM`` "GN"/"SyncBN"/"BN"),
+``RES5_DILATION`` 2 (DC5), class-agnostic box regression outside the cascade, ``ROI_MASK_HEAD``
+``CLS_AGNOSTIC_MASK``, ``FPN.FUSE_TYPE`` "avg", head conv dims other than 256, per-level aspect ratios.
+
 Submodules import torch; this package file does not, so ``import napari_sartorius.models`` is cheap.
 """

@@ -65,6 +65,23 @@ __all__ = [
 ]
 
 
+class Float32RPNHead(RPNHead):
+    """torchvision's ``RPNHead`` whose outputs are float32 under fp16 autocast: proposals are decoded
+    from them, and fp16 coordinates step by 1 px above 1024 px (detectron2 decodes in fp32 too)."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32BoxPredictor(FastRCNNPredictor):
+    """torchvision's ``FastRCNNPredictor`` (``cls_score``, ``bbox_pred``) with float32 outputs."""
+
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
 class CellMaskRCNN(GeneralizedRCNN):
     """A Mask R-CNN built from a :class:`ModelConfig`; ``self.config`` is that config."""
 
@@ -92,7 +109,7 @@ def _transform(config: ModelConfig) -> CellTransform:
 
 def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwork:
     anchors = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, strides, round_anchors=config.round_anchors)
-    head = RPNHead(in_channels, anchors.num_anchors_per_location()[0])
+    head = Float32RPNHead(in_channels, anchors.num_anchors_per_location()[0])
     return RegionProposalNetwork(
         anchors,
         head,
@@ -141,7 +158,7 @@ def build_fpn_model(config: ModelConfig) -> CellMaskRCNN:
     roi_heads = RoIHeads(
         _pooler(config, 7),
         box_head,
-        FastRCNNPredictor(dim, config.num_classes + 1),
+        Float32BoxPredictor(dim, config.num_classes + 1),
         config.roi_iou_thresh,
         config.roi_iou_thresh,
         config.roi_batch_size_per_image,
@@ -164,7 +181,7 @@ def build_c4_model(config: ModelConfig) -> CellMaskRCNN:
     roi_heads = Res5RoIHeads(
         pooler,
         res5,
-        FastRCNNPredictor(2048, config.num_classes + 1),
+        Float32BoxPredictor(2048, config.num_classes + 1),
         MaskRCNNPredictor(2048, 256, config.num_classes + 1),
         fg_iou_thresh=config.roi_iou_thresh,
         bg_iou_thresh=config.roi_iou_thresh,

@@ -46,7 +46,8 @@ class CascadeBoxPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)
+        # float32 under fp16 autocast: boxes are decoded from these deltas
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
 
 class _ScaleGradient(torch.autograd.Function):

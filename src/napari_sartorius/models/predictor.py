@@ -147,6 +147,14 @@ class MaskRCNNEngine:
     def __repr__(self) -> str:
         return f"MaskRCNNEngine({self.name!r}, arch={self.config.arch}, device={self.device})"
 
+    def set_test_size(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the shorter side images are resized to (0: keep their size) and the cap on the longer
+        side (default: unchanged), e.g. for multi-scale test-time augmentation."""
+        max_size = self.config.max_size_test if max_size is None else int(max_size)
+        self.config = self.config.replace(min_size_test=int(min_size), max_size_test=max_size)
+        self.model.transform.min_size_test = self.config.min_size_test
+        self.model.transform.max_size_test = self.config.max_size_test
+
     # -- running ------------------------------------------------------------------------------
     def predict(self, image: np.ndarray) -> Instances:
         """:meth:`predict_batch` of one image."""
