@@ -1,7 +1,7 @@
 """A small live plot of the training loss (and validation score) drawn with QPainter.
 
 No plotting library: matplotlib is not a dependency, and a polyline over a few thousand points is
-cheap to paint. The loss uses the left axis (0 .. the largest loss seen); validation scores, which
+cheap to paint. The loss uses the left axis (the span of the losses seen, see :func:`loss_range`); validation scores, which
 live in [0, 1], are dots on their own right-hand axis.
 """
 
@@ -13,7 +13,7 @@ from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-__all__ = ["LossPlot", "decimate"]
+__all__ = ["LossPlot", "decimate", "loss_range"]
 
 LOSS_COLOR = QColor(90, 160, 230)
 SMOOTH_COLOR = QColor(250, 170, 40)
@@ -40,6 +40,19 @@ def decimate(points: list[tuple[float, float]], max_points: int) -> list[tuple[f
         i = j
     out.append(points[-1])
     return out
+
+
+def loss_range(values: list[float]) -> tuple[float, float]:
+    """The plotted loss range ``(low, high)``: the values' span plus 5 % either side, from 0 when the
+    span reaches down to within a fifth of the maximum of 0 (so the start of a run is not all that shows)."""
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.5
+    lo, hi = lo - pad, hi + pad
+    if lo > 0 and lo < 0.2 * hi:
+        lo = 0.0
+    return lo, hi
 
 
 class LossPlot(QWidget):
@@ -108,20 +121,19 @@ class LossPlot(QWidget):
             + [pt[0] for pt in self.losses[-1:]]
             + [pt[0] for pt in self.scores[-1:]]
         )
-        y_max = max((v for _, v in self.losses), default=1.0)
-        y_max = y_max * 1.05 if y_max > 0 else 1.0
+        y_lo, y_hi = loss_range([v for _, v in self.losses])
 
-        def to_px(x: float, y: float, y_top: float) -> QPointF:
+        def to_px(x: float, y: float, lo: float, hi: float) -> QPointF:
             return QPointF(
                 area.left() + area.width() * x / x_max,
-                area.bottom() - area.height() * max(0.0, min(y, y_top)) / y_top,
+                area.bottom() - area.height() * (max(lo, min(y, hi)) - lo) / (hi - lo),
             )
 
         # axis labels: loss range on the left, iterations at the bottom
         p.drawText(QRectF(0, area.top() - fm.height() / 2, left - 4, fm.height()),
-                   Qt.AlignmentFlag.AlignRight, f"{y_max:.3g}")
+                   Qt.AlignmentFlag.AlignRight, f"{y_hi:.3g}")
         p.drawText(QRectF(0, area.bottom() - fm.height() / 2, left - 4, fm.height()),
-                   Qt.AlignmentFlag.AlignRight, "0")
+                   Qt.AlignmentFlag.AlignRight, f"{y_lo:.3g}")
         p.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), fm.height()),
                    Qt.AlignmentFlag.AlignRight, f"{int(x_max)} it.")
         if self.losses:
@@ -130,17 +142,17 @@ class LossPlot(QWidget):
         budget = max(8, int(area.width()) * 2)
         for pts, color, width in ((self.losses, LOSS_COLOR, 1.0), (self.smoothed, SMOOTH_COLOR, 2.0)):
             if len(pts) >= 2:
-                poly = QPolygonF([to_px(x, y, y_max) for x, y in decimate(pts, budget)])
+                poly = QPolygonF([to_px(x, y, y_lo, y_hi) for x, y in decimate(pts, budget)])
                 p.setPen(QPen(color, width))
                 p.drawPolyline(poly)
             elif pts:
                 p.setPen(QPen(color, 3.0))
-                p.drawPoint(to_px(pts[0][0], pts[0][1], y_max))
+                p.drawPoint(to_px(pts[0][0], pts[0][1], y_lo, y_hi))
         if self.scores:
             p.setPen(QPen(VAL_COLOR, 1.5))
             p.setBrush(VAL_COLOR)
             for x, y in self.scores:
-                p.drawEllipse(to_px(x, y, 1.0), 3.0, 3.0)
+                p.drawEllipse(to_px(x, y, 0.0, 1.0), 3.0, 3.0)
             p.drawText(QRectF(area.right() + 3, area.top() - fm.height() / 2, right, fm.height()),
                        Qt.AlignmentFlag.AlignLeft, "1.0")
             p.drawText(QRectF(area.right() + 3, area.bottom() - fm.height() / 2, right, fm.height()),

@@ -67,8 +67,14 @@ AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
 }
 #: Short-edge factors of multi-scale training around a chosen training size.
 MULTISCALE = (0.8, 0.9, 1.0, 1.1, 1.2)
-_AUG_LABELS = {"crop": "Random crop", "resize": "Multi-scale resize", "hflip": "Flip left-right",
-               "vflip": "Flip up-down", "rot90": "Rotate by 90s"}
+_AUG_LABELS = {"crop": "Crop", "resize": "Multi-scale", "hflip": "Flip LR", "vflip": "Flip UD", "rot90": "Rot 90"}
+_AUG_TIPS = {
+    "crop": "random crop of each image (sides at least 'Crop at least' of the image's)",
+    "resize": "multi-scale training: a random short edge per image (see 'Training size')",
+    "hflip": "flip left-right with probability 0.5",
+    "vflip": "flip up-down with probability 0.5",
+    "rot90": "rotate by a random multiple of 90 degrees",
+}
 #: Frozen stages offered (detectron2's FREEZE_AT); -1 keeps the starting model's setting.
 FREEZE_CHOICES = [
     ("as in the model", -1),
@@ -259,6 +265,15 @@ def _format_seconds(sec: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _narrow(combo: ComboBox, chars: int) -> None:
+    """Let a combo box shrink to about ``chars`` characters (long layer names would widen the dock)."""
+    from qtpy.QtWidgets import QComboBox
+
+    native = combo.native
+    native.setMinimumContentsLength(chars)
+    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+
+
 class _PairRow(Container):
     """One row: image layer, labels layer, cell type (and a remove button for training rows)."""
 
@@ -270,10 +285,14 @@ class _PairRow(Container):
         widgets = [self.image_layer, self.labels_layer, self.cell_type]
         self.remove_button = None
         if removable:
-            self.remove_button = PushButton(text="Remove", tooltip="remove this pair")
+            self.remove_button = PushButton(text="\u2715", tooltip="remove this pair")
+            self.remove_button.native.setFixedWidth(28)
             widgets.append(self.remove_button)
         super().__init__(layout="horizontal", labels=False, widgets=widgets)
         self.margins = (0, 0, 0, 0)
+        _narrow(self.image_layer, 8)
+        _narrow(self.labels_layer, 8)
+        _narrow(self.cell_type, 5)
         self.image_layer.changed.connect(self._on_image_changed)
         self.labels_layer.changed.connect(self._on_labels_changed)
         if self.remove_button is not None:
@@ -347,7 +366,10 @@ class FineTuneWidget(Container):
         self.add_pair_button = PushButton(text="Add pair", tooltip="train on one more image/labels pair")
         self.validation = _PairRow(self, removable=False)
         self.validation.tooltip = "optional: an image/labels pair kept out of training and scored with the competition metric"
-        self.clean_masks = CheckBox(text="Clean masks (fill holes, drop fragments, resolve overlaps)", value=False)
+        self.clean_masks = CheckBox(
+            text="Clean masks", value=False,
+            tooltip="before training: fill holes, drop stray fragments, give contested pixels to one cell",
+        )
 
         # -- model --------------------------------------------------------------------------
         self.start_checkpoint = FileEdit(
@@ -381,7 +403,9 @@ class FineTuneWidget(Container):
         )
 
         # -- augmentation ------------------------------------------------------------------
-        self.aug_switches = {k: CheckBox(text=_AUG_LABELS[k], value=v) for k, v in AUG_SWITCHES.items()}
+        self.aug_switches = {
+            k: CheckBox(text=_AUG_LABELS[k], value=v, tooltip=_AUG_TIPS[k]) for k, v in AUG_SWITCHES.items()
+        }
         self.crop_fraction = FloatSpinBox(
             label="Crop at least", value=0.7, min=0.1, max=1.0, step=0.05,
             tooltip="smallest crop side as a fraction of the image side",
@@ -411,6 +435,8 @@ class FineTuneWidget(Container):
         self.progress = ProgressBar(value=0, min=0, max=1, label="Progress")
         self.status = Label(value="")
         self.validation_score = Label(value="")
+        for lab in (self.status, self.validation_score):
+            lab.native.setWordWrap(True)  # long paths must not widen the dock
         self.loss_plot = LossPlot()
         plot_box = Container(labels=False)
         plot_box.margins = (0, 0, 0, 0)
@@ -419,7 +445,7 @@ class FineTuneWidget(Container):
         super().__init__(
             scrollable=False,
             widgets=[
-                Label(value="<b>Training pairs</b> (image, labels, cell type)"),
+                Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
                 self.pairs,
                 self.add_pair_button,
                 Label(value="<b>Validation pair</b> (optional)"),
