@@ -102,8 +102,13 @@ def test_train_step_and_eval(arch, tiny_resnext):
     model = build_model(cfg)
     image, target = synthetic_sample()
 
+    background = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 96, SIZE, dtype=torch.uint8),
+    }
     model.train()
-    losses = model([image], [target])
+    losses = model([image, image[:, :96]], [target, background])  # an image without cells is fine
     expected = {"loss_objectness", "loss_rpn_box_reg", "loss_mask"}
     if cfg.is_cascade:
         expected |= {f"loss_{n}_stage{k}" for n in ("classifier", "box_reg") for k in range(3)}
@@ -160,6 +165,19 @@ def test_x152_structure_follows_the_detectron2_config(tiny_resnext):
     names = dict(model.named_parameters())
     assert "backbone.body.layer2.0.conv2.offset.weight" in names
     assert "roi_heads.box_predictor.2.cls_score.weight" in names
+
+
+def test_c4_test_time_chunks_give_the_same_result():
+    torch.manual_seed(0)
+    model = build_model(small_config("mask_rcnn_R_50_C4")).eval()
+    image, _ = synthetic_sample()
+    with torch.no_grad():
+        whole = model([image])[0]
+        model.roi_heads.inference_chunk = 7
+        chunked = model([image])[0]
+    assert len(whole["boxes"]) > 0
+    for key in whole:
+        assert torch.allclose(whole[key].float(), chunked[key].float(), atol=1e-5), key
 
 
 def test_c4_layout():
