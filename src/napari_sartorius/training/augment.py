@@ -514,6 +514,8 @@ class TrainTransform:
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W)`` or ``(H, W, 3)`` array -> ``(3, H, W)`` tensor of the same dtype (gray replicated)."""
     a = np.asarray(image)
+    if not a.flags.writeable:  # e.g. memory-mapped or cached read-only pixels: torch wants its own copy
+        a = a.copy()
     if a.ndim == 2:
         t = torch.from_numpy(np.ascontiguousarray(a))[None].expand(3, -1, -1)
     elif a.ndim == 3 and a.shape[-1] == 3:
