@@ -272,3 +272,29 @@ def test_training_errors_become_notifications(qtbot, viewer, tmp_path, errors):
     assert "corrupt.pt" in dock.last_error
     assert not (tmp_path / "finetuned.pt").exists()
     assert dock.run_button.enabled
+
+
+def test_loss_plot_scale_and_decimation(qtbot):
+    from napari_sartorius._widgets._loss_plot import LossPlot, decimate, loss_range
+
+    pts = [(float(i), float(i % 7)) for i in range(1, 1001)]
+    small = decimate(pts, 100)
+    assert len(small) <= 101 and small[0] == pts[0] and small[-1] == pts[-1]
+    xs = [x for x, _ in small]
+    assert xs == sorted(xs)
+    assert decimate(pts[:50], 100) == pts[:50]
+    assert loss_range([]) == (0.0, 1.0)
+    lo, hi = loss_range([2.0, 3.0])
+    assert lo == pytest.approx(1.95) and hi == pytest.approx(3.05)
+    assert loss_range([0.1, 3.0])[0] == 0.0  # a span reaching near 0 starts at 0
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.clear(10)
+    plot.add_loss(1, float("nan"))  # skipped: it would wreck the scale
+    for i, v in enumerate([3.0, 2.5, 2.0], start=1):
+        plot.add_loss(i, v)
+    plot.add_score(3, 0.4)
+    assert [v for _, v in plot.losses] == [3.0, 2.5, 2.0]
+    assert plot.smoothed[-1][1] < 3.0 and plot.scores == [(3.0, 0.4)]
+    plot.resize(300, 120)
+    assert not plot.grab().isNull()

@@ -23,21 +23,20 @@ SMOOTHING = 0.1
 
 
 def decimate(points: list[tuple[float, float]], max_points: int) -> list[tuple[float, float]]:
-    """At most about ``max_points`` points: consecutive runs are replaced by their mean (x and y).
+    """At most ``max_points`` points: runs of consecutive inner points are replaced by their mean (x and y).
 
     Keeps the first and last point exact so the curve spans the same x range.
     """
     n = len(points)
     if n <= max_points or max_points < 3:
         return list(points)
-    step = n / (max_points - 2)
+    m = max_points - 2  # inner points, each the mean of a run of the n - 2 inner input points
+    bounds = [1 + round(k * (n - 2) / m) for k in range(m + 1)]
     out = [points[0]]
-    i = 1.0
-    while int(i) < n - 1:
-        j = min(n - 1, max(int(i) + 1, int(i + step)))
-        chunk = points[int(i) : j]
-        out.append((sum(p[0] for p in chunk) / len(chunk), sum(p[1] for p in chunk) / len(chunk)))
-        i = j
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            chunk = points[a:b]
+            out.append((sum(p[0] for p in chunk) / len(chunk), sum(p[1] for p in chunk) / len(chunk)))
     out.append(points[-1])
     return out
 
@@ -49,8 +48,9 @@ def loss_range(values: list[float]) -> tuple[float, float]:
         return 0.0, 1.0
     lo, hi = min(values), max(values)
     pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.5
+    low = lo
     lo, hi = lo - pad, hi + pad
-    if lo > 0 and lo < 0.2 * hi:
+    if low >= 0 and lo < 0.2 * hi:  # losses are >= 0: never show a negative axis
         lo = 0.0
     return lo, hi
 
