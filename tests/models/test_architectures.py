@@ -232,6 +232,13 @@ def test_transform_resizes_like_detectron2_and_normalises_in_config_order():
     batch, _ = t([rgb])
     assert batch.image_sizes == [(5, 6)] and batch.tensors.shape[-2:] == (32, 32)
     assert torch.allclose(batch.tensors[0, :, 0, 0], torch.tensor([(200 - 10) / 1, (50 - 20) / 2, (100 - 30) / 4]))
+    # shrinking is antialiased (PIL-like): one-pixel stripes average out instead of aliasing
+    t.min_size_test = 32
+    stripes = torch.zeros(3, 64, 64)
+    stripes[:, ::2] = 255.0
+    batch, _ = t([stripes])
+    assert batch.tensors.shape[-2:] == (32, 32)
+    assert torch.allclose(batch.tensors[0, 2], torch.full((32, 32), (127.5 - 30) / 4), atol=3)
 
 
 def test_deformable_conv_with_zero_offsets_is_a_plain_conv():

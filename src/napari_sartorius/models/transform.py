@@ -7,7 +7,8 @@
   detectron2 (BGR, std 1) and torchvision (RGB, ImageNet std) weights run with their own statistics;
 * resizing follows detectron2's ``ResizeShortestEdge``: ``scale = min_size / min(H, W)``, capped so that
   ``max(H, W) * scale <= max_size``, new side ``int(side * scale + 0.5)``, bilinear (half-pixel
-  centres); ``min_size_test = 0`` keeps the input size;
+  centres; antialiased when shrinking, like the PIL resize detectron2 uses); ``min_size_test = 0`` keeps
+  the input size;
 * output (eval): boxes are mapped back to input-image pixels and clipped, and ``masks`` stay the raw
   ``(N, 1, M, M)`` mask probabilities of the mask head. torchvision would paste every mask into a full
   ``(N, 1, H, W)`` float array (1.2 GB for 800 cells of a 520 x 704 image); the predictor pastes each
@@ -94,7 +95,9 @@ class CellTransform(GeneralizedRCNNTransform):
             size, max_size = self.min_size_test, self.max_size_test
         nh, nw = resized_shape(h, w, size, max_size)
         if (nh, nw) != (h, w):
-            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+            # antialias when shrinking, as PIL's bilinear resize that detectron2 applies to uint8 images
+            shrink = nh < h or nw < w
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=shrink)[0]
         if target is None:
             return image, target
         target = dict(target)
