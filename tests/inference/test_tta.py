@@ -127,3 +127,36 @@ def test_rgb_images_and_bad_input(fakes):
 def test_inverse_rejects_predictions_of_the_wrong_size():
     with pytest.raises(ValueError, match="image size"):
         invert_instances(Instances.empty((10, 20)), TTATransform(k=1), (10, 20))
+
+
+class _SizedEngine:
+    """A BlobEngine that, like Mask R-CNN, resizes its inputs to a test size it lets callers change."""
+
+    def __init__(self, inner):
+        from types import SimpleNamespace
+
+        self.inner, self.name, self.class_names = inner, "sized", inner.class_names
+        self.config = SimpleNamespace(min_size_test=800, max_size_test=1333)
+        self.seen = []  # (test size, input shapes) of each predict_batch call
+
+    def set_test_size(self, min_size, max_size=None):
+        self.config.min_size_test, self.config.max_size_test = min_size, max_size
+
+    def predict_batch(self, images):
+        self.seen.append((self.config.min_size_test, [im.shape for im in images]))
+        return self.inner.predict_batch(images)
+
+
+def test_multiscale_scales_the_test_size_of_an_engine_that_resizes_itself(engine):
+    from conftest import blob_image
+
+    sized = _SizedEngine(engine)
+    image = blob_image((64, 80))
+    out = run_tta(sized, image, "multiscale", scales=(0.5, 1.0, 1.5))
+    # the image reaches the network at its own size; the network's test size carries the scale
+    assert sorted(size for size, _ in sized.seen) == [400, 800, 1200]
+    assert all(shapes == [(64, 80)] for _, shapes in sized.seen)
+    assert (sized.config.min_size_test, sized.config.max_size_test) == (800, 1333)
+    reference = engine.predict_batch([image])[0]
+    for inst in out:
+        assert inst.image_size == (64, 80) and len(inst) == len(reference)

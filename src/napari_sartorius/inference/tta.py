@@ -11,9 +11,11 @@ Modes (``TTA_MODES``):
   flips: three sizes already triple the cost, and flips can be added by a second model or by
   ``"flips"``. Boxes are mapped back by the inverse factor; crops are resampled bilinearly onto the
   integer window the crop's extent maps to (pixel-centre aligned, so a crop is not shifted by the
-  rounding of the window). Multi-scale only helps an engine that does *not* itself resize every
-  input to a fixed test size (torchvision's ``GeneralizedRCNNTransform`` does, which makes the
-  image-level scale a no-op apart from resampling blur).
+  rounding of the window). An engine that resizes every input to a fixed test size itself (a
+  Mask R-CNN: ``engine.config.min_size_test > 0`` and ``engine.set_test_size``) would undo an
+  image-level resize, so for such an engine the scale is applied to its test size instead (1024 px
+  at scale 1.25 becomes 1280 px), as detectron2's multi-scale TTA does; only flips and rotations
+  then touch the image.
 
 A variant is ``TTATransform(scale, flip, k)``: forward = resize by ``scale``, then mirror left-right
 when ``flip``, then rotate by ``k`` quarter turns counter-clockwise (``np.rot90``). Its inverse on
@@ -270,9 +272,12 @@ class TTABatch:
 
 def tta_batches(image: np.ndarray, mode: str = "none", scales: Sequence[float] | None = None) -> list[TTABatch]:
     """The variants of ``image`` grouped by transformed shape, in order of first appearance."""
-    image = check_image(image)
+    return _batches(check_image(image), list(enumerate(tta_transforms(mode, scales))))
+
+
+def _batches(image: np.ndarray, indexed: Sequence[tuple[int, TTATransform]]) -> list[TTABatch]:
     groups: dict[tuple[int, int], TTABatch] = {}
-    for i, t in enumerate(tta_transforms(mode, scales)):
+    for i, t in indexed:
         size = t.output_size(image.shape[:2])
         batch = groups.setdefault(size, TTABatch([], [], []))
         batch.transforms.append(t)
@@ -317,9 +322,33 @@ def run_tta(engine, image: np.ndarray, mode: str = "none", scales: Sequence[floa
         ``image_size == image.shape[:2]``. Variants of equal shape go through one ``predict_batch`` call.
     """
     image = check_image(image)
-    results: list[Instances | None] = [None] * len(tta_transforms(mode, scales))
-    for batch in tta_batches(image, mode, scales):
+    transforms = tta_transforms(mode, scales)
+    results: list[Instances | None] = [None] * len(transforms)
+    if not _resizes_itself(engine) or all(t.scale == 1.0 for t in transforms):
+        _predict_into(results, engine, image, list(enumerate(transforms)))
+        return results  # type: ignore[return-value]
+    config = engine.config
+    base_min, base_max = int(config.min_size_test), int(config.max_size_test)
+    by_scale: dict[float, list[tuple[int, TTATransform]]] = {}
+    for i, t in enumerate(transforms):
+        by_scale.setdefault(t.scale, []).append((i, TTATransform(scale=1.0, flip=t.flip, k=t.k)))
+    try:
+        for scale, indexed in by_scale.items():
+            engine.set_test_size(max(1, round(base_min * scale)), max(1, round(base_max * scale)))
+            _predict_into(results, engine, image, indexed)
+    finally:
+        engine.set_test_size(base_min, base_max)
+    return results  # type: ignore[return-value]
+
+
+def _resizes_itself(engine) -> bool:
+    """True for an engine that resizes its inputs to a test size it lets us change."""
+    config = getattr(engine, "config", None)
+    return callable(getattr(engine, "set_test_size", None)) and int(getattr(config, "min_size_test", 0) or 0) > 0
+
+
+def _predict_into(results: list, engine, image: np.ndarray, indexed: Sequence[tuple[int, TTATransform]]) -> None:
+    for batch in _batches(image, indexed):
         preds = predict_checked(engine, batch.images)
         for i, inst in zip(batch.indices, invert_batch(batch, preds, image.shape[:2])):
             results[i] = inst
-    return results  # type: ignore[return-value]
