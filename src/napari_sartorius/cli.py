@@ -197,7 +197,7 @@ def cmd_segment(args) -> int:
 
 
 def _resolve_device_name(name: str) -> str:
-    from .inference.device import resolve_device
+    from .device import resolve_device
 
     return str(resolve_device(name))
 

@@ -11,7 +11,7 @@ from napari_sartorius.instances import Instances
 from napari_sartorius.models.architectures import build_model
 from napari_sartorius.models.checkpoint import save_checkpoint
 from napari_sartorius.models.config import ModelConfig
-from napari_sartorius.models.predictor import MaskRCNNEngine, image_to_tensor, paste_mask_crop, resolve_device
+from napari_sartorius.models.predictor import MaskRCNNEngine, image_to_tensor, paste_mask_crop
 
 
 @pytest.fixture(autouse=True)
@@ -160,11 +160,6 @@ def test_from_checkpoint(engine, tmp_path):
     a, b = engine.predict(img), loaded.predict(img)
     np.testing.assert_array_equal(a.boxes, b.boxes)
     assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
 
 
 def test_set_test_size_changes_the_network_input(engine, monkeypatch):

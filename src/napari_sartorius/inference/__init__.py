@@ -2,14 +2,14 @@
 
 - :mod:`.tta`: TTA variants and their exact inverses, :func:`run_tta`.
 - :mod:`.ensemble`: :func:`fuse_instances` (wbf, nmw, nms, soft_nms, mask_nms) with mask averaging.
-- :mod:`.device`: :func:`resolve_device`, :func:`autocast_context`, :func:`run_with_oom_fallback`
+- :mod:`napari_sartorius.device` (re-exported): :func:`resolve_device`, :func:`autocast_context`, :func:`run_with_oom_fallback`
   (torch is imported when they are called).
 - :mod:`.tiling`: overlapping tiles for large images and the merge of their instances.
 - :mod:`.segment`: the job generator :func:`segment_image` / :func:`segment_stack`, and
   :func:`run_to_completion` for scripts.
 """
 
-from .device import DEVICE_CHOICES, autocast_context, resolve_device, run_with_oom_fallback
+from ..device import DEVICE_CHOICES, autocast_context, resolve_device, run_with_oom_fallback
 from .ensemble import CONF_TYPES, METHODS, fuse_instances
 from .segment import (
     SegmentationCancelled,

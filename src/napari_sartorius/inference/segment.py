@@ -129,7 +129,7 @@ def _predict(engine, images, notes: list[str], what: str) -> list[Instances]:
         return predict_checked(engine, images)
     import torch
 
-    from .device import run_with_oom_fallback
+    from ..device import run_with_oom_fallback
 
     if torch.device(device).type == "cpu":
         return predict_checked(engine, images)

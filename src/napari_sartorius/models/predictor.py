@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -25,21 +24,10 @@ import torch
 from torch import nn
 
 from ..instances import Instances
+from ..device import autocast_context, empty_cache, is_out_of_memory, resolve_device
 from .config import ModelConfig
 
-__all__ = ["MaskRCNNEngine", "resolve_device", "paste_mask_crop", "image_to_tensor"]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None: CUDA if available, then MPS, then CPU; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+__all__ = ["MaskRCNNEngine", "paste_mask_crop", "image_to_tensor"]
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -172,7 +160,7 @@ class MaskRCNNEngine:
         try:
             return self._run(tensors)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if self.device.type == "cpu" or not _is_oom(exc):
+            if self.device.type == "cpu" or not is_out_of_memory(exc):
                 raise
             shapes = ", ".join(f"{t.shape[1]}x{t.shape[2]}" for t in tensors)
             warnings.warn(
@@ -184,16 +172,13 @@ class MaskRCNNEngine:
                 stacklevel=3,
             )
             self.model.to("cpu")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            empty_cache()
             self.device = torch.device("cpu")
             return self._run(tensors)
 
     def _run(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """One eval forward on ``self.device``; outputs as float32 CPU tensors."""
-        use_amp = self.amp and self.device.type == "cuda"
-        ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), autocast_context(self.device, enabled=self.amp):
             outputs = self.model([t.to(self.device) for t in tensors])
         result = []
         for out in outputs:
@@ -223,8 +208,3 @@ class MaskRCNNEngine:
             masks=crops,
             mask_origins=np.asarray(origins, np.int64).reshape(-1, 2),
         )
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from napari_sartorius.inference import device as device_mod
-from napari_sartorius.inference.device import (
+from napari_sartorius import device as device_mod
+from napari_sartorius.device import (
     autocast_context,
     is_out_of_memory,
     resolve_device,
