@@ -1,4 +1,4 @@
-"""A weight-free segmentation engine for phase-contrast cells (scikit-image / SciPy only).
+"""A weight-free segmentation engine for phase-contrast cells (NumPy / SciPy / scikit-image only).
 
 It lets the whole loop (segment, correct, export, evaluate) run before any trained model exists.
 It implements the engine contract (``name``, ``class_names``, ``predict_batch``) and returns the same
@@ -7,39 +7,48 @@ It implements the engine contract (``name``, ``class_names``, ``predict_batch``)
 Pipeline (lengths scale with the expected cell diameter ``d`` in px):
 
 1. gray, float: RGB is reduced with the ITU-R 601 luma weights. Any dtype (uint8, uint16, float) gives
-   the same result, because the image is then normalised robustly (median and MAD): only contrast
-   relative to the background noise matters;
-2. background flattening: subtract a Gaussian of sigma ``background_sigma * d`` (uneven illumination),
-   then divide by the noise level, re-estimated on pixels away from the first detections (in dense
+   the same result, because the image is normalised robustly: only contrast relative to the background
+   noise matters;
+2. background flattening: subtract a Gaussian of sigma ``background_sigma * d`` (uneven illumination)
+   and divide by the noise level, estimated (MAD) on pixels whose neighbourhood is quiet (in dense
    images the whole-image MAD would include the cells);
-3. detection: phase-contrast cells show texture, a dark interior and a halo against a flat
-   background. The cell-scale *local contrast* is the RMS of the image clipped at ``clip`` noise units
-   (clipping caps what tiny, very dark debris contributes) in a Gaussian window of
-   ``detect_sigma * d``, plus ``darkness_weight`` times the local darkness. Pixels more than
-   ``detect_threshold`` noise units above the image's 25th percentile of that map are cells;
-4. extent: the same contrast in a small window (``edge_sigma * d``) above ``edge_threshold``, minus
-   bright halo pixels (above ``halo_threshold``), closed, hole-filled and opened with a disk of radius
-   ``opening_radius * d`` (which removes thin neurites), kept where it lies within ``grow * d`` of a
-   detection;
-5. splitting of touching cells: watershed of the cell-scale contrast from its local maxima (at least
-   ``split_distance * d`` apart); each object keeps its largest piece, objects outside
-   ``[min_area, max_area]`` times the expected area ``pi d^2 / 4`` are dropped;
-6. per object: a confidence in [0, 1] and a class.
+3. detection: in phase contrast a cell body is a dark, granular disc inside a bright halo; debris is a
+   tiny, much darker dot. Clipping the image at ``clip`` noise units caps what debris contributes; a
+   difference of Gaussians of the clipped *darkness* (sigmas ``detect_sigma * d`` and
+   ``surround_sigma * d``) peaks at the centres of cell-sized dark regions. Its local maxima at least
+   ``min_distance * d`` apart and above ``detect_threshold`` are the candidates;
+4. extent: ``rays`` rays are cast from each candidate up to ``ray_max * d``. The cell's edge is the
+   dark-to-bright step into the halo: along each ray the outward derivative of the lightly smoothed
+   image (``edge_sigma * d``). The contour is the closed path through the rays that maximises the
+   summed derivative while moving at most ``max_step * d`` between neighbouring rays (dynamic
+   programming in polar coordinates, robust to granules inside the cell and to neurites leaving it),
+   pushed out by ``edge_offset * d`` (the step lies inside the annotated outline) and median-filtered
+   over 5 rays;
+5. touching cells: two candidates whose centres each lie inside the other's contour are one cell (the
+   stronger is kept); pixels claimed by several contours go to the nearest centre (relative to each
+   contour's mean radius); objects outside ``[min_area, max_area]`` times the expected area
+   ``pi d^2 / 4`` after that are dropped;
+6. per object: a confidence and a class (below).
 
-Confidence (see :func:`_object_scores`): the product of a size term
-``exp(-(ln(area / expected area) / 0.6)^2 / 2)`` (merged cells and fragments score low: they were
-most of the false positives when measured), a contrast term ``(1 + tanh(peak / 0.5)) / 2`` of the
-object's peak contrast above the threshold, and a solidity term ``clip((solidity - 0.6) / 0.3, 0, 1)``.
-It ranks objects for the per-type score thresholds of post-processing (a typical isolated cell scores
-0.7-0.9); it is not a calibrated probability.
+**Confidence.** A logistic of four pieces of evidence, measured per candidate:
+``x = peak detection value (noise units) | fraction of rays whose edge step exceeds 1 noise unit/px |
+mean halo brightness just outside the contour (noise units) | ln(area / expected area) and its square``.
+``p = sigmoid(SCORE_WEIGHTS . (1, x))`` with weights fitted (logistic regression, a handful of
+parameters) on candidates of synthetic images of the three styles plus the three annotated real cort
+images, labelled "IoU > 0.5 with a true cell". ``p`` is then shifted in logit space so that the
+operating point ``p = SCORE_OPERATING_POINT`` (the probability above which keeping an object raised
+the competition score when measured) lands exactly on the default post-processing threshold of the
+image's cell type (0.15 shsy5y, 0.35 astro, 0.55 cort, :data:`~napari_sartorius.cell_types.SCORE_THRESHOLDS`):
+``score = sigmoid(logit(p) - logit(p_op) + logit(threshold[type]))``. The mapping is monotone, so the
+ranking is unchanged; it just makes ``segment -> postprocess`` keep what the engine believes in.
 
-Class: ``settings.cell_type`` when given. Otherwise a *heuristic* from size statistics: a median object
-area above ``astro_area`` px means astro; otherwise shsy5y when there are more than ``dense_count``
-objects per 520 x 704 image, else cort. All objects of an image get the same class (one cell type per
-image). The heuristic is crude (astro cells segmented with the default diameter come out too small to
-be recognised); give the cell type when you know it.
+**Class.** ``settings.cell_type`` when given. Otherwise the engine runs at each type's typical
+diameter (17 px shsy5y/cort, 34 px astro) and keeps the reading whose confident objects explain the
+image best (see :meth:`ClassicalEngine.guess_cell_type`); between shsy5y and cort (same size) it
+decides by density: more than ``dense_count`` confident objects per 520 x 704 image means shsy5y.
+All objects of an image get the same class (one cell type per image). Give the type when you know it.
 
-Measured figures (benchmarks/bench_classical.py) are in the benchmark's output; this engine is a
+Measured figures (``benchmarks/bench_classical.py``) are in the benchmark's output; this engine is a
 baseline that makes the plugin usable without weights, far below a trained Mask R-CNN.
 """
 
@@ -51,18 +60,32 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .cell_types import DEFAULT_CLASSES, check_cell_type
+from .cell_types import DEFAULT_CLASSES, SCORE_THRESHOLDS, check_cell_type
 from .instances import Instances
 
-__all__ = ["ClassicalSettings", "ClassicalEngine", "TYPICAL_DIAMETERS", "TYPICAL_DETECT_THRESHOLDS"]
+__all__ = [
+    "ClassicalSettings",
+    "ClassicalEngine",
+    "TYPICAL_DIAMETERS",
+    "TYPICAL_RAY_MAX",
+    "SCORE_WEIGHTS",
+    "SCORE_OPERATING_POINT",
+]
 
 #: Typical cell diameter (px, in 520 x 704 images) per type: from the competition's mean areas
 #: (~225 px for shsy5y and cort, ~900 px for astro; d = 2 sqrt(area / pi)).
 TYPICAL_DIAMETERS: dict[str, float] = {"shsy5y": 17.0, "astro": 34.0, "cort": 17.0}
 
-#: Detection threshold per type (noise units above the background level): astrocytes are flat and
-#: faint in phase contrast (their local contrast is about half that of neurons), so they need a lower one.
-TYPICAL_DETECT_THRESHOLDS: dict[str, float] = {"shsy5y": 2.0, "astro": 1.2, "cort": 2.0}
+#: How far (in diameters) rays search for a cell's edge: SH-SY5Y cells are elongated and astrocytes
+#: have arms that belong to their masks; cortical neuron bodies are round-ish.
+TYPICAL_RAY_MAX: dict[str, float] = {"shsy5y": 1.2, "astro": 1.5, "cort": 1.0}
+
+#: Logistic weights of the confidence: bias, detection peak, edge fraction, halo, ln area ratio,
+#: (ln area ratio)^2. See the module docstring for how they were obtained.
+SCORE_WEIGHTS: tuple[float, ...] = (-2.04, 2.39, -0.33, 0.35, -0.16, -8.12)
+
+#: The raw probability that is mapped onto each type's default score threshold.
+SCORE_OPERATING_POINT: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -70,58 +93,58 @@ class ClassicalSettings:
     """Every parameter of :class:`ClassicalEngine`. Lengths are in units of the cell diameter.
 
     Attributes:
-        cell_type: the image's cell type (one of ``DEFAULT_CLASSES``) or None for the size heuristic.
+        cell_type: the image's cell type (one of ``DEFAULT_CLASSES``) or None to guess it.
         cell_diameter: expected cell diameter in px; None: ``TYPICAL_DIAMETERS[cell_type]``, or 17 px
             when the type is unknown.
         background_sigma: Gaussian sigma of the illumination estimate, in diameters.
-        clip: the flattened image is clipped at +-clip noise units before local statistics.
-        detect_sigma: Gaussian window of the cell-scale local contrast, in diameters.
-        detect_threshold: detection threshold in noise units above the background level; None:
-            ``TYPICAL_DETECT_THRESHOLDS[cell_type]`` (2.0 when the type is unknown).
-        background_percentile: percentile of the contrast map taken as the background level.
-        edge_sigma: Gaussian window of the pixel-scale contrast that sets the mask extent, in diameters.
-        edge_threshold: pixel-scale contrast (noise units) above which a pixel can belong to a cell.
-        darkness_weight: weight of the local darkness (negative local mean) added to the local RMS.
-        halo_threshold: pixels brighter than this (noise units, lightly smoothed) are halo, not cell.
-        opening_radius: radius of the closing/opening disk, in diameters.
-        grow: how far (in diameters) the mask extent may reach beyond the detection.
+        clip: the flattened image is clipped at +-clip noise units before detection.
+        detect_sigma: inner Gaussian of the darkness difference of Gaussians, in diameters.
+        surround_sigma: outer Gaussian of the darkness difference of Gaussians, in diameters.
+        detect_threshold: smallest detection peak (noise units) that becomes a candidate.
+        min_distance: smallest distance between two candidates, in diameters.
+        rays: number of rays cast from each candidate.
+        ray_min: the edge is searched from this radius on, in diameters.
+        ray_max: ... up to this radius, in diameters; None: ``TYPICAL_RAY_MAX[cell_type]`` (1.2 when
+            the type is unknown).
+        edge_sigma: Gaussian sigma of the image whose radial derivative marks edges, in diameters.
+        edge_offset: the contour is pushed out by this much past the steepest step, in diameters.
+        max_step: largest change of radius between neighbouring rays, in diameters.
         min_area: smallest object kept, as a fraction of the expected area ``pi d^2 / 4``.
         max_area: largest object kept, as a multiple of the expected area.
-        split_distance: smallest distance between two cells' centres when splitting, in diameters.
-        astro_area: median object area (px) above which the heuristic says astro.
-        dense_count: objects per 520 x 704 image above which the heuristic says shsy5y.
+        max_overlap: an object is left out when more than this fraction of its contour is already
+            taken by more probable objects.
+        dense_count: confident objects per 520 x 704 image above which a guess says shsy5y.
     """
 
     cell_type: str | None = None
     cell_diameter: float | None = None
     background_sigma: float = 2.0
     clip: float = 5.0
-    detect_sigma: float = 0.3
-    detect_threshold: float | None = None
-    background_percentile: float = 25.0
-    edge_sigma: float = 0.05
-    edge_threshold: float = 1.8
-    darkness_weight: float = 0.5
-    halo_threshold: float = 2.0
-    opening_radius: float = 0.12
-    grow: float = 0.1
+    detect_sigma: float = 0.2
+    surround_sigma: float = 0.5
+    detect_threshold: float = 0.3
+    min_distance: float = 0.5
+    rays: int = 48
+    ray_min: float = 0.2
+    ray_max: float | None = None
+    edge_sigma: float = 0.06
+    edge_offset: float = 0.09
+    max_step: float = 0.06
+    size_prior: float = 1.0
+    refine: int = 2
     min_area: float = 0.3
     max_area: float = 8.0
-    split_distance: float = 0.5
-    astro_area: float = 550.0
+    max_overlap: float = 0.5
     dense_count: float = 120.0
 
     def __post_init__(self) -> None:
         check_cell_type(self.cell_type)
         if self.cell_diameter is not None and not self.cell_diameter > 2:
             raise ValueError(f"cell_diameter must be > 2 px, got {self.cell_diameter}")
-
-    @property
-    def detection_margin(self) -> float:
-        """The detection threshold in noise units above the background level."""
-        if self.detect_threshold is not None:
-            return float(self.detect_threshold)
-        return TYPICAL_DETECT_THRESHOLDS.get(self.cell_type or "", 2.0)
+        if self.rays < 8:
+            raise ValueError(f"rays must be >= 8, got {self.rays}")
+        if not 0 < self.ray_min < self.max_radius:
+            raise ValueError(f"need 0 < ray_min < ray_max, got {self.ray_min}, {self.max_radius}")
 
     @property
     def diameter(self) -> float:
@@ -129,6 +152,13 @@ class ClassicalSettings:
         if self.cell_diameter is not None:
             return float(self.cell_diameter)
         return TYPICAL_DIAMETERS.get(self.cell_type or "", 17.0)
+
+    @property
+    def max_radius(self) -> float:
+        """How far rays search, in diameters."""
+        if self.ray_max is not None:
+            return float(self.ray_max)
+        return TYPICAL_RAY_MAX.get(self.cell_type or "", 1.2)
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -148,22 +178,25 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _robust_z(x: np.ndarray) -> np.ndarray | None:
-    """``(x - median) / (1.4826 MAD)``; None for a flat image (nothing to find)."""
+def _mad_scale(x: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 MAD) of a 1-D array; falls back to the std when the MAD is 0."""
     med = float(np.median(x))
-    mad = float(np.median(np.abs(x - med))) * 1.4826
+    mad = 1.4826 * float(np.median(np.abs(x - med)))
     if mad <= 1e-6:
-        std = float(x.std())
-        if std <= 1e-6:
-            return None
-        mad = std
-    return (x - med) / mad
+        mad = float(x.std())
+    return med, mad
 
 
-def _disk(radius: float) -> np.ndarray:
-    r = max(int(round(radius)), 0)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return yy**2 + xx**2 <= r * r + r * 0.5
+@dataclass
+class _Candidates:
+    """Per-candidate arrays (N = number of candidates, K = rays)."""
+
+    centres: np.ndarray  # float64 (N, 2) (y, x)
+    peak: np.ndarray  # float64 (N,) detection value at the centre, noise units
+    radii: np.ndarray  # float64 (N, K) contour radius along each ray, px
+    edge: np.ndarray  # float64 (N, K) radial derivative at the edge, noise units / px
+    halo: np.ndarray  # float64 (N,) mean brightness just outside the contour, noise units
+    theta: np.ndarray  # float64 (K,) ray angles
 
 
 class ClassicalEngine:
@@ -188,123 +221,288 @@ class ClassicalEngine:
 
     def predict(self, image: np.ndarray) -> Instances:
         """Segment one image. Masks are 0/1 crops; scores in [0, 1]; classes index ``class_names``."""
-        labels, cue = self.label_image(image)
+        gray = _gray(image)
+        st = self.settings
+        if st.cell_type is None:
+            cell_type, labels, probs = self._guess(gray)
+            return self._to_instances(labels, probs, cell_type)
+        labels, probs = self._segment(gray, st)
+        return self._to_instances(labels, probs, st.cell_type)
+
+    def label_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Non-overlapping objects as an int32 label image ``(H, W)`` (0 = background) and their raw
+        probabilities float32 ``(N,)`` (index ``i`` for label ``i + 1``), before any type calibration."""
+        gray = _gray(image)
+        if self.settings.cell_type is None:
+            _, labels, probs = self._guess(gray)
+            return labels, probs
+        return self._segment(gray, self.settings)
+
+    def guess_cell_type(self, image: np.ndarray) -> str:
+        """The cell type the engine reads in ``image`` when none is given.
+
+        The image is segmented at each distinct typical diameter; each reading is rated by the sum
+        of its objects' probabilities above 0.5 times their area (the image area it explains with
+        confident cells). The larger diameter (astro) wins when it explains more; otherwise shsy5y
+        or cort by the density of confident objects (``dense_count`` per 520 x 704 image).
+        """
+        return self._guess(_gray(image))[0]
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _guess(self, gray: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        st = self.settings
+        readings = {}
+        for key, cell_type in (("small", "cort"), ("astro", "astro")):
+            s = replace(st, cell_type=cell_type)
+            if st.cell_diameter is not None:
+                s = replace(s, cell_diameter=st.cell_diameter * (2.0 if key == "astro" else 1.0))
+            labels, probs = self._segment(gray, s)
+            areas = np.bincount(labels.ravel(), minlength=len(probs) + 1)[1:]
+            sure = probs > 0.5
+            readings[key] = (labels, probs, float(np.sum(areas[sure] * probs[sure])), int(sure.sum()))
+        small, big = readings["small"], readings["astro"]
+        if big[2] > small[2]:
+            return "astro", big[0], big[1]
+        per_image = small[3] * (520 * 704) / gray.size
+        if per_image > st.dense_count:
+            s = replace(st, cell_type="shsy5y")
+            if st.cell_diameter is not None:
+                s = replace(s, cell_diameter=st.cell_diameter)
+            labels, probs = self._segment(gray, s)
+            return "shsy5y", labels, probs
+        return "cort", small[0], small[1]
+
+    def _to_instances(self, labels: np.ndarray, probs: np.ndarray, cell_type: str) -> Instances:
         n = int(labels.max())
         if n == 0:
             return Instances.empty(labels.shape)
-        d = self.settings.diameter
-        scores = _object_scores(labels, cue, n, np.pi * d * d / 4)
-        cls = self._classify(labels, n)
+        scores = calibrate(probs, cell_type)
+        cls = self.class_names.index(cell_type) if cell_type in self.class_names else 0
         return Instances.from_label_image(
             labels, classes=cls, scores={i + 1: float(s) for i, s in enumerate(scores)}
         )
 
-    # -- steps ------------------------------------------------------------------------------------
-    def normalise(self, image: np.ndarray) -> np.ndarray | None:
-        """Flattened image float32 ``(H, W)`` in units of the background noise (0 = background);
-        None for a flat image."""
-        st = self.settings
+    def _segment(self, gray: np.ndarray, st: ClassicalSettings) -> tuple[np.ndarray, np.ndarray]:
+        """Label image int32 ``(H, W)`` and raw probabilities float32 ``(N,)`` for settings ``st``."""
         d = st.diameter
-        z = _robust_z(_gray(image))
-        if z is None:
-            return None
-        flat = z - ndimage.gaussian_filter(z, st.background_sigma * d, mode="reflect")
-        # The MAD of the whole image overestimates the noise when cells cover much of it (dense
-        # shsy5y, astro): re-estimate it on pixels away from the first detections.
-        background = np.ones(flat.shape, bool)
-        zf = flat
-        for _ in range(3):
-            vals = flat[background]
-            if vals.size < 0.05 * flat.size:
-                break
-            centre = float(np.median(vals))
-            scale = 1.4826 * float(np.median(np.abs(vals - centre)))
-            if scale <= 1e-6:
-                return None
-            zf = (flat - centre) / scale
-            detect = self._detection(zf) > 0
-            background = ~ndimage.binary_dilation(detect, iterations=max(int(st.detect_sigma * d), 1))
-        return zf.astype(np.float32)
-
-    def _energy(self, zf: np.ndarray, sigma: float) -> np.ndarray:
-        """Local contrast float ``(H, W)``: RMS of the clipped image in a Gaussian window of ``sigma``
-        px, plus ``darkness_weight`` times the local darkness. Clipping at ``clip`` noise units caps
-        what tiny, very dark debris adds, so that mainly cell-sized regions of texture reach the
-        detection threshold."""
-        st = self.settings
-        sigma = max(sigma, 0.7)
-        c = np.clip(zf, -st.clip, st.clip)
-        out = np.sqrt(np.maximum(ndimage.gaussian_filter(c * c, sigma), 0))
-        if st.darkness_weight:
-            out += st.darkness_weight * np.maximum(-ndimage.gaussian_filter(c, sigma), 0)
-        return out
-
-    def _detection(self, zf: np.ndarray) -> np.ndarray:
-        """Cell-scale contrast minus the threshold: ``detection_margin`` noise units above the level
-        of the ``background_percentile``-th percentile. Most of an image is background: percentile 25
-        stays on background even where cells cover half of it, and follows the busy background of
-        real cultures (neurites, debris) up."""
-        st = self.settings
-        e = self._energy(zf, st.detect_sigma * st.diameter)
-        return e - (float(np.percentile(e, st.background_percentile)) + st.detection_margin)
-
-    def label_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Non-overlapping cells as an int32 label image ``(H, W)`` plus the detection map float32
-        ``(H, W)`` (local contrast at cell scale minus ``detect_threshold``; > 0 inside detections)."""
-        from skimage.feature import peak_local_max
-        from skimage.segmentation import watershed
-
-        st = self.settings
-        d = st.diameter
-        zf = self.normalise(image)
+        zf = normalise(gray, st)
         if zf is None:
-            shape = _gray(image).shape
-            return np.zeros(shape, np.int32), np.zeros(shape, np.float32)
-        coarse = self._detection(zf)
-        detected = coarse > 0
-        # Pixel-accurate extent: contrast in a small window, minus bright halo, cleaned.
-        fine = self._energy(zf, st.edge_sigma * d) > st.edge_threshold
-        fine &= ~(ndimage.gaussian_filter(zf, 1.0) > st.halo_threshold)
-        r = st.opening_radius * d
-        if r >= 0.5:
-            fine = ndimage.binary_closing(fine, structure=_disk(r))
-        fine = ndimage.binary_fill_holes(fine)
-        if r >= 0.5:
-            fine = ndimage.binary_opening(fine, structure=_disk(r))
-        grow = int(round(st.grow * d))
-        region = fine & (ndimage.binary_dilation(detected, iterations=grow) if grow > 0 else detected)
-        if not region.any():
-            return np.zeros(zf.shape, np.int32), coarse.astype(np.float32)
-        # One marker per cell: maxima of the cell-scale contrast, at least split_distance * d apart.
-        peaks = peak_local_max(
-            coarse,
-            min_distance=max(int(round(st.split_distance * d)), 1),
-            threshold_abs=0.0,
-            labels=ndimage.label(region)[0],
-            exclude_border=False,
-        )
-        markers = np.zeros(zf.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        ws = watershed(-coarse, markers, mask=region)
-        labels = _clean_labels(ws, st.min_area * np.pi * d * d / 4, st.max_area * np.pi * d * d / 4)
-        return labels, coarse.astype(np.float32)
-
-    def _classify(self, labels: np.ndarray, n: int) -> int:
-        st = self.settings
-        if st.cell_type is not None:
-            return self.class_names.index(st.cell_type)
-        areas = np.bincount(labels.ravel())[1:]
-        if np.median(areas) > st.astro_area:
-            return self.class_names.index("astro")
-        per_image = n * (520 * 704) / labels.size
-        return self.class_names.index("shsy5y" if per_image > st.dense_count else "cort")
+            return np.zeros(gray.shape, np.int32), np.zeros(0, np.float32)
+        centres, peak = _detect(zf, st)
+        if len(centres) == 0:
+            return np.zeros(gray.shape, np.int32), np.zeros(0, np.float32)
+        cands = _cast_rays(zf, centres, peak, st)
+        for _ in range(st.refine):
+            moved = _centroids(cands)
+            ok = np.isfinite(moved).all(axis=1)
+            centres = np.clip(np.where(ok[:, None], moved, centres), 0, np.array(gray.shape) - 1.0)
+            cands = _cast_rays(zf, centres, peak, st)
+        cands = _merge_duplicates(cands)
+        expected = np.pi * d * d / 4
+        probs = _probabilities(cands, _polygon_areas(cands), expected)
+        labels = _paint(cands, probs, gray.shape, st.max_overlap)
+        areas = np.bincount(labels.ravel(), minlength=len(cands.peak) + 1)[1:]
+        keep = (areas >= st.min_area * expected) & (areas <= st.max_area * expected)
+        # renumber the kept objects 1..N
+        lut = np.zeros(len(keep) + 1, np.int32)
+        lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        return lut[labels], probs[keep].astype(np.float32)
 
 
-def _clean_labels(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
-    """Keep each label's largest 4-connected piece, drop labels outside ``[min_px, max_px]`` pixels,
-    renumber 1..N. Returns int32 ``(H, W)``."""
-    out = np.zeros(labels.shape, np.int32)
-    n = 0
+def normalise(gray: np.ndarray, settings: ClassicalSettings) -> np.ndarray | None:
+    """Flattened image float32 ``(H, W)`` in units of the background noise (0 = background), or None
+    for a flat image (nothing to find)."""
+    d = settings.diameter
+    med, scale = _mad_scale(gray.ravel())
+    if scale <= 1e-6:
+        return None
+    z = (gray - med) / scale
+    flat = z - ndimage.gaussian_filter(z, settings.background_sigma * d, mode="reflect")
+    centre, scale = _mad_scale(flat.ravel())
+    if scale <= 1e-6:
+        return None
+    flat = (flat - centre) / scale
+    # Re-estimate the noise on quiet pixels: where cells cover much of the image (dense SH-SY5Y,
+    # astrocytes) the whole-image MAD includes them and overestimates it.
+    local_rms = np.sqrt(ndimage.gaussian_filter(np.minimum(flat * flat, 100.0), 0.2 * d))
+    quiet = local_rms < 2.0
+    if quiet.sum() >= 0.05 * flat.size:
+        centre, scale = _mad_scale(flat[quiet])
+        if scale > 1e-6:
+            flat = (flat - centre) / scale
+    return flat.astype(np.float32)
+
+
+def detection_map(zf: np.ndarray, settings: ClassicalSettings) -> np.ndarray:
+    """Darkness difference of Gaussians float32 ``(H, W)`` (noise units): positive over cell-sized
+    dark regions, largest at their centres."""
+    d = settings.diameter
+    c = np.clip(zf, -settings.clip, settings.clip)
+    return (
+        ndimage.gaussian_filter(c, settings.surround_sigma * d)
+        - ndimage.gaussian_filter(c, max(settings.detect_sigma * d, 0.7))
+    )
+
+
+def _detect(zf: np.ndarray, st: ClassicalSettings) -> tuple[np.ndarray, np.ndarray]:
+    from skimage.feature import peak_local_max
+
+    dog = detection_map(zf, st)
+    peaks = peak_local_max(
+        dog,
+        min_distance=max(int(round(st.min_distance * st.diameter)), 1),
+        threshold_abs=st.detect_threshold,
+        exclude_border=False,
+    )
+    return peaks.astype(np.float64), dog[tuple(peaks.T)].astype(np.float64)
+
+
+def _sample(img: np.ndarray, centres: np.ndarray, theta: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``img`` along rays: float ``(N, K, R)`` for centres ``(N, 2)``,
+    angles ``(K,)`` and radii ``(R,)`` (or per-ray radii ``(N, K, R)``)."""
+    r = radii if radii.ndim == 3 else radii[None, None, :]
+    yy = centres[:, 0, None, None] + np.sin(theta)[None, :, None] * r
+    xx = centres[:, 1, None, None] + np.cos(theta)[None, :, None] * r
+    shape = np.broadcast_shapes(yy.shape, xx.shape)
+    out = ndimage.map_coordinates(
+        img, [np.broadcast_to(yy, shape).ravel(), np.broadcast_to(xx, shape).ravel()], order=1, mode="nearest"
+    )
+    return out.reshape(shape)
+
+
+def _closed_path(score: np.ndarray, max_jump: int) -> np.ndarray:
+    """Per candidate, the radius index per ray ``(N, K)`` of the closed-ish path through ``score``
+    ``(N, K, R)`` with the largest sum, moving at most ``max_jump`` indices between neighbouring rays.
+
+    Dynamic programming over the rays unrolled 2.5 times; the middle turn is taken, which is
+    (near-)closed because its start and end lie far from the ends of the unrolled path."""
+    n, k, r = score.shape
+    unrolled = np.concatenate([score, score, score[:, : k // 2]], axis=1)
+    length = unrolled.shape[1]
+    acc = unrolled[:, 0].copy()
+    back = np.zeros((n, length, r), np.int16)
+    idx = np.arange(r)
+    for step in range(1, length):
+        best = np.full((n, r), -np.inf)
+        arg = np.zeros((n, r), np.int16)
+        for dj in range(-max_jump, max_jump + 1):
+            src = np.clip(idx + dj, 0, r - 1)
+            v = acc[:, src]
+            better = v > best
+            best = np.where(better, v, best)
+            arg = np.where(better, src[None, :], arg)
+        acc = best + unrolled[:, step]
+        back[:, step] = arg
+    j = np.argmax(acc, axis=1)
+    path = np.zeros((n, length), np.int64)
+    path[:, -1] = j
+    rows = np.arange(n)
+    for step in range(length - 1, 0, -1):
+        j = back[rows, step, j]
+        path[:, step - 1] = j
+    out = np.empty((n, k), np.int64)
+    out[:, np.arange(k)] = path[:, k : 2 * k]
+    return out
+
+
+def _cast_rays(zf: np.ndarray, centres: np.ndarray, peak: np.ndarray, st: ClassicalSettings) -> _Candidates:
+    d = st.diameter
+    step = 0.5
+    theta = np.linspace(0, 2 * np.pi, st.rays, endpoint=False)
+    radii = np.arange(1.0, st.max_radius * d + 1e-6, step)
+    smooth = ndimage.gaussian_filter(zf, max(st.edge_sigma * d, 0.5))
+    prof = _sample(smooth, centres, theta, radii)
+    der = np.gradient(prof, step, axis=2)
+    score = np.maximum(der, 0.0)
+    if st.size_prior:
+        score -= st.size_prior * np.abs(radii - 0.5 * d) / d
+    score[:, :, radii < st.ray_min * d] = -1e3
+    j = _closed_path(score, max(int(round(st.max_step * d / step)), 1))
+    edge = np.take_along_axis(der, j[..., None], axis=2)[..., 0]
+    r = radii[j] + st.edge_offset * d
+    r = ndimage.median_filter(r, size=(1, 5), mode="wrap")
+    ring = r[..., None] + np.array([1.0, 2.0, 3.0]) * max(d / 17.0, 0.5)
+    halo = _sample(smooth, centres, theta, ring).mean(axis=(1, 2))
+    return _Candidates(centres, peak, r, edge, halo, theta)
+
+
+def _polygon(c: _Candidates, i: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    from skimage.draw import polygon
+
+    y, x = c.centres[i]
+    return polygon(y + np.sin(c.theta) * c.radii[i], x + np.cos(c.theta) * c.radii[i], shape)
+
+
+def _inside(c: _Candidates, i: int, point: np.ndarray) -> bool:
+    """Whether ``point`` (y, x) lies inside candidate ``i``'s contour (radius at its angle)."""
+    dy, dx = point - c.centres[i]
+    k = len(c.theta)
+    angle = np.arctan2(dy, dx) % (2 * np.pi)
+    t = angle / (2 * np.pi) * k
+    a = int(np.floor(t)) % k
+    f = t - np.floor(t)
+    r = (1 - f) * c.radii[i, a] + f * c.radii[i, (a + 1) % k]
+    return float(np.hypot(dy, dx)) < r
+
+
+def _merge_duplicates(c: _Candidates) -> _Candidates:
+    """Drop the weaker of two candidates whose centres each lie inside the other's contour."""
+    n = len(c.peak)
+    if n < 2:
+        return c
+    from scipy.spatial import cKDTree
+
+    reach = c.radii.max(axis=1)
+    tree = cKDTree(c.centres)
+    pairs = tree.query_pairs(float(reach.max()), output_type="ndarray")
+    drop = np.zeros(n, bool)
+    order = np.argsort(-c.peak[pairs].max(axis=1), kind="stable") if len(pairs) else []
+    for a, b in pairs[order] if len(pairs) else []:
+        if drop[a] or drop[b]:
+            continue
+        if _inside(c, a, c.centres[b]) and _inside(c, b, c.centres[a]):
+            drop[b if c.peak[a] >= c.peak[b] else a] = True
+    keep = ~drop
+    return _Candidates(c.centres[keep], c.peak[keep], c.radii[keep], c.edge[keep], c.halo[keep], c.theta)
+
+
+def _centroids(c: _Candidates) -> np.ndarray:
+    """Centroid (y, x) of each candidate's contour polygon, float64 ``(N, 2)``."""
+    y = c.centres[:, 0, None] + np.sin(c.theta) * c.radii
+    x = c.centres[:, 1, None] + np.cos(c.theta) * c.radii
+    y2, x2 = np.roll(y, -1, axis=1), np.roll(x, -1, axis=1)
+    cross = x * y2 - x2 * y
+    area = cross.sum(axis=1) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.column_stack([((y + y2) * cross).sum(1) / (6 * area), ((x + x2) * cross).sum(1) / (6 * area)])
+
+
+def _polygon_areas(c: _Candidates) -> np.ndarray:
+    """Area (px) of each candidate's contour polygon, float64 ``(N,)`` (shoelace formula)."""
+    y = c.centres[:, 0, None] + np.sin(c.theta) * c.radii
+    x = c.centres[:, 1, None] + np.cos(c.theta) * c.radii
+    return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1))
+
+
+def _paint(c: _Candidates, probs: np.ndarray, shape, max_overlap: float) -> np.ndarray:
+    """int32 label image ``(H, W)``: candidate ``i`` is label ``i + 1``. Candidates are painted from
+    the most probable down, each onto the pixels still free; one that finds more than
+    ``max_overlap`` of its contour taken is a duplicate or a piece of a better object and is left out."""
+    labels = np.zeros(shape, np.int32)
+    for i in np.argsort(-probs, kind="stable"):
+        a, b = _polygon(c, i, shape)
+        if a.size == 0:
+            continue
+        free = labels[a, b] == 0
+        if free.sum() < (1.0 - max_overlap) * a.size:
+            continue
+        labels[a[free], b[free]] = i + 1
+    return _largest_pieces(labels)
+
+
+def _largest_pieces(labels: np.ndarray) -> np.ndarray:
+    """Keep each label's largest 4-connected piece (nearest-centre splits can leave slivers)."""
+    out = labels.copy()
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
@@ -313,23 +511,29 @@ def _clean_labels(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarra
         if k > 1:
             sizes = np.bincount(pieces.ravel())
             sizes[0] = 0
-            m = pieces == int(np.argmax(sizes))
-        area = int(m.sum())
-        if min_px <= area <= max_px:
-            n += 1
-            out[sl][m] = n
+            out[sl][m & (pieces != int(np.argmax(sizes)))] = 0
     return out
 
 
-def _object_scores(labels: np.ndarray, detection: np.ndarray, n: int, expected_area: float) -> np.ndarray:
-    """Confidence in [0, 1] per object (float32 ``(n,)``), see the module docstring."""
-    from skimage.measure import regionprops
+def _probabilities(c: _Candidates, areas: np.ndarray, expected: float) -> np.ndarray:
+    """Raw probability float64 ``(N,)`` that each candidate is a cell (see the module docstring)."""
+    w = np.asarray(SCORE_WEIGHTS, np.float64)
+    log_area = np.log(np.maximum(areas, 1) / expected)
+    x = np.column_stack([
+        np.ones(len(areas)),
+        c.peak,
+        np.mean(c.edge > 1.0, axis=1),
+        c.halo,
+        log_area,
+        log_area**2,
+    ])
+    return 1.0 / (1.0 + np.exp(-(x @ w)))
 
-    ids = np.arange(1, n + 1)
-    peak = np.asarray(ndimage.maximum(detection, labels, ids), np.float64)
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
-    solidity = np.array([p.solidity for p in regionprops(labels)], np.float64)
-    size_term = np.exp(-0.5 * (np.log(area / expected_area) / 0.6) ** 2)
-    contrast_term = 0.5 + 0.5 * np.tanh(peak / 0.5)
-    solidity_term = np.clip((solidity - 0.6) / 0.3, 0.0, 1.0)
-    return np.clip(size_term * contrast_term * solidity_term, 0.0, 1.0).astype(np.float32)
+
+def calibrate(probs: np.ndarray, cell_type: str | None) -> np.ndarray:
+    """Map raw probabilities onto scores for ``cell_type``: ``SCORE_OPERATING_POINT`` lands on the
+    type's default score threshold (monotone; float32 ``(N,)`` in [0, 1])."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-6, 1 - 1e-6)
+    target = SCORE_THRESHOLDS.get(cell_type or "", 0.5)
+    shift = np.log(target / (1 - target)) - np.log(SCORE_OPERATING_POINT / (1 - SCORE_OPERATING_POINT))
+    return (1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + shift)))).astype(np.float32)
