@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import collections
 import pickle
+import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from ..cell_types import DEFAULT_CLASSES
 
 __all__ = [
     "Detectron2ImportError",
     "RestrictedUnpickler",
     "restricted_pickle_load",
     "load_detectron2_state",
+    "d2_to_project_name",
+    "convert_detectron2_state",
+    "ImportReport",
+    "detectron2_model_config",
+    "load_detectron2_model",
+    "import_detectron2",
 ]
 
 
@@ -161,3 +171,322 @@ def _numpy_safe_globals() -> list:
     globs = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, collections.OrderedDict]
     globs += [type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "u1", "b1")]
     return globs
+
+
+# -- name mapping -----------------------------------------------------------------------------------
+_BLOCK_PARTS = [
+    # (detectron2 suffix inside a bottleneck block, project suffix)
+    (re.compile(r"^conv(\d)\.weight$"), r"conv\1.weight"),
+    (re.compile(r"^conv(\d)\.norm\.(weight|bias|running_mean|running_var|num_batches_tracked)$"), r"bn\1.\2"),
+    (re.compile(r"^shortcut\.weight$"), r"downsample.0.weight"),
+    (re.compile(r"^shortcut\.norm\.(weight|bias|running_mean|running_var|num_batches_tracked)$"), r"downsample.1.\1"),
+    (re.compile(r"^conv2_offset\.(weight|bias)$"), r"conv2.offset.\1"),
+]
+_STEM = re.compile(r"^stem\.conv1\.(?:(weight)|norm\.(weight|bias|running_mean|running_var|num_batches_tracked))$")
+_RES = re.compile(r"^res([2-5])\.(\d+)\.(.+)$")
+_FPN = re.compile(r"^backbone\.fpn_(lateral|output)([2-5])\.(?:(weight|bias)|norm\.(weight|bias))$")
+_RPN = {
+    "proposal_generator.rpn_head.conv.weight": "rpn.head.conv.0.0.weight",
+    "proposal_generator.rpn_head.conv.bias": "rpn.head.conv.0.0.bias",
+    "proposal_generator.rpn_head.objectness_logits.weight": "rpn.head.cls_logits.weight",
+    "proposal_generator.rpn_head.objectness_logits.bias": "rpn.head.cls_logits.bias",
+    "proposal_generator.rpn_head.anchor_deltas.weight": "rpn.head.bbox_pred.weight",
+    "proposal_generator.rpn_head.anchor_deltas.bias": "rpn.head.bbox_pred.bias",
+}
+_BOX_HEAD = re.compile(r"^roi_heads\.box_head\.(?:(\d+)\.)?(conv|fc)(\d+)\.(?:(weight|bias)|norm\.(weight|bias))$")
+_BOX_PRED = re.compile(r"^roi_heads\.box_predictor\.(?:(\d+)\.)?(cls_score|bbox_pred)\.(weight|bias)$")
+_MASK_HEAD = re.compile(r"^roi_heads\.mask_head\.(?:mask_fcn(\d+)\.(?:(weight|bias)|norm\.(weight|bias))|(deconv|predictor)\.(weight|bias))$")
+_IGNORABLE = [
+    (re.compile(r"(^|\.)num_batches_tracked$"), "BatchNorm step counter (unused at inference)"),
+    (re.compile(r"^pixel_(mean|std)$"), "input normalisation (taken from the config)"),
+    (re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.\d+$"), "anchors (rebuilt from the config)"),
+]
+
+
+def _block_name(rest: str) -> str | None:
+    for pattern, repl in _BLOCK_PARTS:
+        if pattern.match(rest):
+            return pattern.sub(repl, rest)
+    return None
+
+
+def _box_head_name(stage: str | None, kind: str, index: int, param: str, is_norm: bool, target: set[str]) -> str | None:
+    """Project name of a detectron2 ``FastRCNNConvFCHead`` parameter (conv/fc ``index`` is 1-based)."""
+    prefix = "roi_heads.box_head." + (f"{stage}." if stage is not None else "")
+    if kind == "fc" and not is_norm and prefix + "fc6.weight" in target:  # torchvision TwoMLPHead
+        return prefix + f"fc{index + 5}.{param}" if index in (1, 2) else None
+    convs = 0
+    while prefix + f"{convs}.0.weight" in target:  # Conv2dNormActivation blocks, then Flatten, Linear/ReLU
+        convs += 1
+    if kind == "conv":
+        if index > convs:
+            return None
+        return prefix + f"{index - 1}.{1 if is_norm else 0}.{param}"
+    return prefix + f"{convs + 1 + 2 * (index - 1)}.{param}"
+
+
+def d2_to_project_name(name: str, target: set[str], *, c4: bool) -> str | None:
+    """The project parameter name of detectron2 parameter ``name`` (``None`` if it has none).
+
+    Args:
+        name: a detectron2 state-dict key.
+        target: the project model's state-dict keys (decides between the head layouts).
+        c4: the model is a C4 model (backbone without ``bottom_up``, res5 in the RoI head).
+
+    Class-dependent tensors (``cls_score``, ``bbox_pred``, mask ``predictor``) map to their project
+    names here; their rows are rearranged by :func:`convert_detectron2_state`.
+    """
+    body_prefix = "backbone." if c4 else "backbone.bottom_up."
+    if name.startswith(body_prefix):
+        rest = name[len(body_prefix) :]
+        m = _STEM.match(rest)
+        if m:
+            return "backbone.body." + ("conv1.weight" if m.group(1) else f"bn1.{m.group(2)}")
+        m = _RES.match(rest)
+        if m and not (c4 and m.group(1) == "5"):
+            block = _block_name(m.group(3))
+            return None if block is None else f"backbone.body.layer{int(m.group(1)) - 1}.{m.group(2)}.{block}"
+        if not c4:
+            return None
+    if c4 and name.startswith("roi_heads.res5."):
+        m = re.match(r"^roi_heads\.res5\.(\d+)\.(.+)$", name)
+        block = _block_name(m.group(2)) if m else None
+        return None if block is None else f"roi_heads.res5.{m.group(1)}.{block}"
+    m = _FPN.match(name)
+    if m and not c4:
+        kind = "inner_blocks" if m.group(1) == "lateral" else "layer_blocks"
+        idx = int(m.group(2)) - 2
+        return f"backbone.fpn.{kind}.{idx}." + (f"0.{m.group(3)}" if m.group(3) else f"1.{m.group(4)}")
+    if name in _RPN:
+        return _RPN[name]
+    m = _BOX_HEAD.match(name)
+    if m and not c4:
+        stage, kind, index = m.group(1), m.group(2), int(m.group(3))
+        param, is_norm = (m.group(4), False) if m.group(4) else (m.group(5), True)
+        return _box_head_name(stage, kind, index, param, is_norm, target)
+    m = _BOX_PRED.match(name)
+    if m:
+        stage = f"{m.group(1)}." if m.group(1) is not None else ""
+        return f"roi_heads.box_predictor.{stage}{m.group(2)}.{m.group(3)}"
+    m = _MASK_HEAD.match(name)
+    if m:
+        if m.group(1):
+            i = int(m.group(1)) - 1
+            return f"roi_heads.mask_head.{i}." + (f"0.{m.group(2)}" if m.group(2) else f"1.{m.group(3)}")
+        part = "conv5_mask" if m.group(4) == "deconv" else "mask_fcn_logits"
+        return f"roi_heads.mask_predictor.{part}.{m.group(5)}"
+    return None
+
+
+def _class_rows(name: str, value: torch.Tensor, want: torch.Size, k: int, source: str) -> torch.Tensor:
+    """Rearrange a class-dependent tensor from detectron2's layout to the project's.
+
+    * ``cls_score`` ``(K + 1, ...)``, background last -> background first.
+    * ``bbox_pred`` ``(4 K, ...)`` class-specific -> ``(4 (K + 1), ...)`` with a zero background block
+      first; ``(4, ...)`` class-agnostic -> repeated for every class when the project head is
+      class-specific (identical boxes), kept as is for a class-agnostic (cascade) head.
+    * mask ``predictor`` ``(K, ...)`` -> ``(K + 1, ...)`` with a zero background channel first;
+      ``(1, ...)`` class-agnostic -> repeated for every class.
+    """
+    rows, want_rows = value.shape[0], want[0]
+
+    def fail(expected: str):
+        return Detectron2ImportError(
+            f"{source}: {name} has {rows} rows, expected {expected} for {k} class(es); the checkpoint was "
+            "trained with another number of classes: pass that many class names"
+        )
+
+    if name.endswith(("cls_score.weight", "cls_score.bias")):
+        if rows != k + 1:
+            raise fail(f"{k + 1} (K + 1)")
+        return torch.cat([value[k:], value[:k]])
+    if name.endswith(("bbox_pred.weight", "bbox_pred.bias")):
+        if want_rows == 4:
+            if rows != 4:
+                raise fail("4 (class-agnostic cascade stage)")
+            return value
+        if rows == 4:
+            return value.repeat((k + 1,) + (1,) * (value.dim() - 1))
+        if rows != 4 * k:
+            raise fail(f"{4 * k} (4 K) or 4")
+        return torch.cat([torch.zeros_like(value[:4]), value])
+    if name.endswith(("mask_fcn_logits.weight", "mask_fcn_logits.bias")):
+        if rows == 1:
+            return value.repeat((k + 1,) + (1,) * (value.dim() - 1))
+        if rows != k:
+            raise fail(f"{k} (K) or 1")
+        return torch.cat([torch.zeros_like(value[:1]), value])
+    return value
+
+
+_CLASS_DEPENDENT = ("cls_score.", "bbox_pred.", "mask_fcn_logits.")
+
+
+@dataclass
+class ImportReport:
+    """What :func:`convert_detectron2_state` did.
+
+    Attributes:
+        mapped: ``{project name: detectron2 name}`` of every copied tensor.
+        ignored: ``{detectron2 name: reason}`` of tensors deliberately not used.
+        warnings: human-readable notes (filled-in statistics, class-agnostic expansion, ...).
+    """
+
+    mapped: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def convert_detectron2_state(
+    d2_state: Mapping[str, torch.Tensor],
+    target_state: Mapping[str, torch.Tensor],
+    *,
+    c4: bool,
+    num_classes: int,
+    source: str = "checkpoint",
+) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Rename and rearrange a detectron2 state dict into the project model's layout.
+
+    Args:
+        d2_state: ``{detectron2 name: tensor}`` (:func:`load_detectron2_state`).
+        target_state: the project model's ``state_dict()`` (names and shapes to fill).
+        c4: the model is a C4 model.
+        num_classes: K foreground classes.
+        source: the file name, for messages.
+
+    Returns:
+        ``(state, report)``: ``state`` has exactly the keys of ``target_state`` (float tensors in the
+        target's dtypes), loadable with ``load_state_dict(strict=True)``.
+
+    Raises:
+        Detectron2ImportError: a detectron2 tensor that maps nowhere (and is not a known ignorable
+            buffer), a project tensor that nothing fills, a shape mismatch, or a class-count mismatch;
+            the message lists the names.
+    """
+    target = set(target_state)
+    report = ImportReport()
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    bad_shapes: list[str] = []
+    for name, value in d2_state.items():
+        reason = next((why for pat, why in _IGNORABLE if pat.search(name)), None)
+        if reason is not None:
+            report.ignored[name] = reason
+            continue
+        new = d2_to_project_name(name, target, c4=c4)
+        if new is None or new not in target:
+            unmapped.append(name)
+            continue
+        if new in out:
+            raise Detectron2ImportError(f"{source}: {name} and {report.mapped[new]} both map to {new}")
+        want = target_state[new]
+        if new.startswith("roi_heads.") and any(part in new for part in _CLASS_DEPENDENT):
+            value = _class_rows(new, value, want.shape, num_classes, source)
+        if tuple(value.shape) != tuple(want.shape):
+            bad_shapes.append(f"{name} {tuple(value.shape)} -> {new} {tuple(want.shape)}")
+            continue
+        out[new] = value.to(dtype=want.dtype)
+        report.mapped[new] = name
+    if unmapped:
+        shown = ", ".join(sorted(unmapped)[:8])
+        raise Detectron2ImportError(
+            f"{source}: {len(unmapped)} detectron2 tensor(s) have no place in the project model "
+            f"(e.g. {shown}); the checkpoint does not match the config's architecture"
+        )
+    if bad_shapes:
+        raise Detectron2ImportError(
+            f"{source}: {len(bad_shapes)} tensor(s) have the wrong shape for the config's architecture: "
+            + "; ".join(bad_shapes[:5])
+        )
+    missing = [k for k in target_state if k not in out]
+    filled = []
+    for k in list(missing):
+        # detectron2's FrozenBatchNorm2d loads files without statistics as mean 0, var 1.
+        if k.endswith(".running_mean") or k.endswith(".running_var"):
+            bn = k.rsplit(".", 1)[0]
+            if bn + ".weight" in out:
+                fill = torch.zeros_like if k.endswith("mean") else torch.ones_like
+                out[k] = fill(target_state[k])
+                filled.append(k)
+                missing.remove(k)
+    if filled:
+        report.warnings.append(
+            f"{len(filled)} BatchNorm statistics absent from {source} were set to mean 0 / var 1 "
+            f"(as detectron2 does), e.g. {filled[0]}"
+        )
+    if missing:
+        raise Detectron2ImportError(
+            f"{source}: {len(missing)} project tensor(s) are not in the checkpoint (e.g. "
+            f"{', '.join(missing[:6])}); the checkpoint does not match the config's architecture"
+        )
+    return out, report
+
+
+# -- whole models -----------------------------------------------------------------------------------
+def detectron2_model_config(config_path: str | Path, class_names: Sequence[str] = DEFAULT_CLASSES, *, weights_path=None):
+    """The project's ``ModelConfig`` for a detectron2 config (see :mod:`.d2_config`)."""
+    from .d2_config import config_to_model_config, load_d2_config
+
+    cfg = load_d2_config(config_path)
+    prov = {"d2_config": str(config_path)}
+    if weights_path is not None:
+        prov["d2_weights"] = Path(weights_path).name
+    return config_to_model_config(cfg, class_names, provenance=prov)
+
+
+def load_detectron2_model(
+    weights_path: str | Path,
+    config_path: str | Path,
+    class_names: Sequence[str] = DEFAULT_CLASSES,
+):
+    """Build the project model of a detectron2 config and fill it with a detectron2 checkpoint.
+
+    Args:
+        weights_path: ``.pth`` or model-zoo ``.pkl`` (:func:`load_detectron2_state`).
+        config_path: the detectron2 ``config.yaml`` it was trained with (or a bundled model-zoo name).
+        class_names: the K foreground classes in the checkpoint's class order.
+
+    Returns:
+        ``(model, config, report)``: a ``CellMaskRCNN`` in eval mode, its ``ModelConfig``, and the
+        :class:`ImportReport`.
+
+    Raises:
+        UnsupportedConfigError: the config uses an option the project cannot rebuild.
+        Detectron2ImportError: the file is not a detectron2 checkpoint of that architecture/classes.
+    """
+    from .architectures import build_model
+
+    config = detectron2_model_config(config_path, class_names, weights_path=weights_path)
+    state = load_detectron2_state(weights_path)
+    model = build_model(config)
+    converted, report = convert_detectron2_state(
+        state, model.state_dict(), c4=config.is_c4, num_classes=config.num_classes, source=str(weights_path)
+    )
+    model.load_state_dict(converted, strict=True)
+    model.eval()
+    if report.ignored:
+        report.warnings.append(
+            f"{len(report.ignored)} tensor(s) not used: " + ", ".join(f"{k} ({v})" for k, v in list(report.ignored.items())[:4])
+        )
+    return model, config, report
+
+
+def import_detectron2(
+    weights_path: str | Path,
+    config_path: str | Path,
+    out_path: str | Path,
+    class_names: Sequence[str] = DEFAULT_CLASSES,
+) -> ImportReport:
+    """Turn a detectron2 checkpoint and its config into a project checkpoint at ``out_path``.
+
+    The project checkpoint keeps detectron2's input convention (BGR, its pixel mean/std), anchors,
+    test size and thresholds; it is written atomically by ``checkpoint.save_checkpoint``.
+
+    Returns:
+        The :class:`ImportReport` (mapped / ignored tensors, warnings).
+    """
+    from .checkpoint import save_checkpoint
+
+    model, config, report = load_detectron2_model(weights_path, config_path, class_names)
+    save_checkpoint(out_path, model, config)
+    return report
