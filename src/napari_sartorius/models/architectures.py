@@ -52,6 +52,7 @@ from .backbones import C4_STRIDE, FPN_STRIDES, build_c4_backbone, build_fpn_back
 from .c4 import Res5RoIHeads
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
 from .config import ARCH_NAMES, ModelConfig, check_arch
+from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .pooler import RoIPooler
 from .transform import CellTransform
 
@@ -91,6 +92,29 @@ class CellMaskRCNN(GeneralizedRCNN):
 
     def eager_outputs(self, losses, detections):
         return losses if self.training else detections
+
+
+class ChunkedMaskRoIHeads(RoIHeads):
+    """torchvision's RoIHeads whose test-time mask branch runs in chunks of detections
+    (:mod:`.mask_branch`): same outputs, memory bounded for 1000 detections x a TTA batch."""
+
+    mask_chunk: int = DEFAULT_CHUNK
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training or not self.has_mask():
+            return super().forward(features, proposals, image_shapes, targets)
+        pool, self.mask_roi_pool = self.mask_roi_pool, None  # boxes only from the parent
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            self.mask_roi_pool = pool
+        probs = chunked_mask_probabilities(
+            pool, self.mask_head, self.mask_predictor, features,
+            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,
+        )
+        for r, m in zip(result, probs):
+            r["masks"] = m
+        return result, losses
 
 
 # -- components -------------------------------------------------------------------------------------
@@ -155,7 +179,7 @@ def build_fpn_model(config: ModelConfig) -> CellMaskRCNN:
     backbone = build_fpn_backbone(config)
     box_head, dim = _fpn_box_head(config)
     mask_pool, mask_head, mask_predictor = _fpn_mask_branch(config)
-    roi_heads = RoIHeads(
+    roi_heads = ChunkedMaskRoIHeads(
         _pooler(config, 7),
         box_head,
         Float32BoxPredictor(dim, config.num_classes + 1),

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
+
+from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 
 __all__ = ["CascadeRoIHeads", "CascadeBoxPredictor", "select_detections"]
 
@@ -98,6 +100,8 @@ class CascadeRoIHeads(RoIHeads):
     Eval output per image: ``boxes`` ``(N, 4)``, ``labels`` ``(N,)`` 1..K, ``scores`` ``(N,)``,
     ``masks`` ``(N, 1, 28, 28)`` probabilities of the predicted class.
     """
+
+    mask_chunk: int = DEFAULT_CHUNK  # detections per test-time mask-branch pass (see .mask_branch)
 
     def __init__(
         self,
@@ -240,8 +244,10 @@ class CascadeRoIHeads(RoIHeads):
                 detections_per_img=self.detections_per_img,
             )
             result.append({"boxes": bx, "labels": lab, "scores": sc})
-        det_boxes = [r["boxes"] for r in result]
-        x = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes, image_shapes)))
-        for r, m in zip(result, maskrcnn_inference(x, [r["labels"] for r in result])):
+        probs = chunked_mask_probabilities(
+            self.mask_roi_pool, self.mask_head, self.mask_predictor, features,
+            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,
+        )
+        for r, m in zip(result, probs):
             r["masks"] = m
         return result, losses
