@@ -9,6 +9,7 @@ original outputs. Plus: the restricted unpickler, and clear errors for checkpoin
 
 from __future__ import annotations
 
+import copy
 import pickle
 import re
 import textwrap
@@ -115,7 +116,7 @@ def export_to_d2(model, config, *, agnostic_box: bool = False, agnostic_mask: bo
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _config_file(tmp_path, base: str, **extra) -> str:
+def _config_file(tmp_path, base: str, **extra) -> str:  # noqa: D401
     """A Kaggle-style config.yaml naming a model-zoo base that is not on disk."""
     text = textwrap.dedent(
         f"""
@@ -123,7 +124,7 @@ def _config_file(tmp_path, base: str, **extra) -> str:
         MODEL:
           ROI_HEADS: {{NUM_CLASSES: 3, SCORE_THRESH_TEST: 0.05}}
           ANCHOR_GENERATOR: {{SIZES: {extra.get("sizes", "[[8], [16], [32], [64], [128]]")}, ASPECT_RATIOS: [[0.5, 1.0, 2.0]]}}
-          RPN: {{PRE_NMS_TOPK_TEST: 300, POST_NMS_TOPK_TEST: 100}}
+          RPN: {{PRE_NMS_TOPK_TEST: 300, POST_NMS_TOPK_TEST: {extra.get("post_nms", 100)}}}
           ROI_BOX_HEAD: {{CLS_AGNOSTIC_BBOX_REG: {extra.get("agnostic_box", False)}}}
           ROI_MASK_HEAD: {{CLS_AGNOSTIC_MASK: {extra.get("agnostic_mask", False)}}}
         INPUT: {{MIN_SIZE_TEST: 0}}
@@ -136,7 +137,7 @@ def _config_file(tmp_path, base: str, **extra) -> str:
     return str(path)
 
 
-def _image(seed: int = 0, h: int = 96, w: int = 128) -> torch.Tensor:
+def _image(seed: int = 0, h: int = 64, w: int = 96) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     img = rng.uniform(0, 255, size=(3, h, w)).astype(np.float32)
     return torch.from_numpy(img)
@@ -168,17 +169,29 @@ def _random_model(cfg_path: str, seed: int):
 
 
 # -- round trips ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "base, sizes",
-    [
-        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", None),
-        ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", "[[16, 32, 64]]"),
-    ],
-)
-def test_pth_round_trip_gives_identical_outputs(tmp_path, base, sizes):
+FPN_BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+
+
+@pytest.fixture(scope="module")
+def fpn_model(tmp_path_factory):
+    """One random R-50-FPN project model (and its config) shared by the FPN tests: building it is the
+    slow part."""
     torch.set_num_threads(1)
-    cfg_path = _config_file(tmp_path, base, **({"sizes": sizes} if sizes else {}))
-    model, config = _random_model(cfg_path, 0)
+    cfg_path = _config_file(tmp_path_factory.mktemp("fpn"), FPN_BASE)
+    return _random_model(cfg_path, 0)
+
+
+@pytest.mark.parametrize("kind", ["FPN", "C4"])
+def test_pth_round_trip_gives_identical_outputs(tmp_path, kind, fpn_model):
+    torch.set_num_threads(1)
+    if kind == "FPN":
+        cfg_path = _config_file(tmp_path, FPN_BASE)
+        model, config = fpn_model
+    else:  # several anchor sizes on one level; every proposal costs a res5 pass: few proposals
+        cfg_path = _config_file(
+            tmp_path, "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", sizes="[[16, 32, 64]]", post_nms=25
+        )
+        model, config = _random_model(cfg_path, 0)
     weights = tmp_path / "output" / "model_final.pth"
     torch.save({"model": export_to_d2(model, config), "iteration": 1000, "optimizer": {}}, weights)
 
@@ -206,12 +219,10 @@ def test_cascade_x152_round_trip(tmp_path):
     _assert_same(_outputs(model, image), _outputs(imported, image))
 
 
-def test_model_zoo_pkl_and_class_agnostic_heads(tmp_path):
+def test_model_zoo_pkl_and_class_agnostic_heads(tmp_path, fpn_model):
     torch.set_num_threads(1)
-    cfg_path = _config_file(
-        tmp_path, "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", agnostic_box=True, agnostic_mask=True
-    )
-    model, config = _random_model(cfg_path, 2)
+    cfg_path = _config_file(tmp_path, FPN_BASE, agnostic_box=True, agnostic_mask=True)
+    model, config = copy.deepcopy(fpn_model)
     with torch.no_grad():  # make the project model class-agnostic in fact: every class shares block 1
         bp = model.roi_heads.box_predictor.bbox_pred
         bp.weight.copy_(bp.weight[4:8].repeat(4, 1))
@@ -229,10 +240,10 @@ def test_model_zoo_pkl_and_class_agnostic_heads(tmp_path):
     _assert_same(_outputs(model, image), _outputs(imported, image))
 
 
-def test_import_writes_a_project_checkpoint(tmp_path):
+def test_import_writes_a_project_checkpoint(tmp_path, fpn_model):
     torch.set_num_threads(1)
-    cfg_path = _config_file(tmp_path, "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
-    model, config = _random_model(cfg_path, 3)
+    cfg_path = _config_file(tmp_path, FPN_BASE)
+    model, config = fpn_model
     weights = tmp_path / "model_final.pth"
     torch.save({"model": export_to_d2(model, config)}, weights)
     out = tmp_path / "ckpt" / "imported.pt"
