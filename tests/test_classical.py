@@ -47,7 +47,7 @@ def test_engine_contract():
 
 def test_finds_cells_on_synthetic_cort_and_keeps_few_false_positives():
     # Measured on these 6 small images (30 cells): 18 matched at IoU > 0.5 in the raw output; after the
-    # default post-processing 9 kept, all 9 true cells (small images give lower scores than full ones).
+    # default post-processing 10 kept, all 10 true cells (small images give lower scores than full ones).
     eng = ClassicalEngine(ClassicalSettings(cell_type="cort"))
     raw_tp = kept_tp = n_gt = n_kept = 0
     for seed in range(6):
