@@ -79,6 +79,7 @@ __all__ = [
     "TYPICAL_RAY_MAX",
     "SCORE_WEIGHTS",
     "SCORE_OPERATING_POINT",
+    "calibrate",
 ]
 
 #: Typical cell diameter (px, in 520 x 704 images) per type: from the competition's mean areas
