@@ -208,3 +208,22 @@ def test_800_benchmark_instances_give_clean_non_overlapping_labels():
     for k in range(1, len(res) + 1, 37):
         _, n = ndimage.label(res.labels == k, structure=np.ones((3, 3)))
         assert n == 1
+
+
+def test_cleaned_crop_cache_gives_identical_results_across_setting_changes():
+    from napari_sartorius.postprocess import CleanedCrops
+
+    x = _bench_module().make_instances(300, seed=4)
+    cache = CleanedCrops(x)
+    for s in (
+        PostprocessSettings(cell_type="shsy5y"),
+        PostprocessSettings(cell_type="shsy5y", score_thresholds=(0.5, 0.35, 0.55), min_areas=(150, 150, 75)),
+        PostprocessSettings(cell_type="shsy5y", max_overlap=0.1),
+        PostprocessSettings(cell_type="shsy5y", fill_holes=False, mask_threshold=0.3),
+        PostprocessSettings(cell_type="shsy5y"),
+    ):
+        a, b = postprocess(x, s), postprocess(x, s, cache=cache)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.kept, b.kept)
+    with pytest.raises(ValueError, match="other instances"):
+        postprocess(x[:10], PostprocessSettings(), cache=cache)

@@ -198,13 +198,54 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~border[bg]
 
 
-def postprocess(instances: Instances, settings: PostprocessSettings | None = None) -> PostprocessResult:
+class CleanedCrops:
+    """Per-instance crops after mask threshold, hole filling and largest-piece selection, kept for
+    repeated :func:`postprocess` calls on the same raw predictions (the dock's live sliders).
+
+    Those steps depend only on ``mask_threshold``, ``fill_holes`` and ``keep_largest``; moving a score,
+    minimum-area or overlap slider then reruns only the overlap pass. Crops of one setting triple are
+    kept at a time (a new triple drops the old ones), so memory stays at one boolean crop per instance.
+    """
+
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+        self._key: tuple | None = None
+        self._crops: dict[int, np.ndarray] = {}
+
+    def get(self, i: int, s: PostprocessSettings) -> np.ndarray:
+        key = (s.mask_threshold, s.fill_holes, s.keep_largest)
+        if key != self._key:
+            self._key, self._crops = key, {}
+        m = self._crops.get(i)
+        if m is None:
+            m = self._crops[i] = _clean_crop(self.instances.masks[i], s)
+        return m
+
+
+def _clean_crop(prob: np.ndarray, s: PostprocessSettings) -> np.ndarray:
+    m = prob >= s.mask_threshold
+    return _fill_and_keep_largest(m, s) if m.any() else m
+
+
+def _fill_and_keep_largest(m: np.ndarray, s: PostprocessSettings) -> np.ndarray:
+    if s.fill_holes:
+        m = _fill_holes(m)
+    if s.keep_largest:
+        m = _largest_component(m)
+    return m
+
+
+def postprocess(
+    instances: Instances, settings: PostprocessSettings | None = None, cache: CleanedCrops | None = None
+) -> PostprocessResult:
     """Turn raw predictions into a non-overlapping label image (see the module notes for the steps).
 
     Args:
         instances: raw predictions of one image (scores in [0, 1], classes indexing
             ``settings.class_names``, mask crops of probabilities).
         settings: thresholds and switches; default :class:`PostprocessSettings()`.
+        cache: a :class:`CleanedCrops` of ``instances``, reused between calls; same result, faster
+            when only thresholds change.
 
     Returns:
         :class:`PostprocessResult` with the label image (id 1 = highest score), features, kept indices.
@@ -213,6 +254,8 @@ def postprocess(instances: Instances, settings: PostprocessSettings | None = Non
         ValueError: an instance's class index has no name in ``settings.class_names``.
     """
     s = settings if settings is not None else PostprocessSettings()
+    if cache is not None and cache.instances is not instances:
+        raise ValueError("postprocess: the CleanedCrops cache belongs to other instances")
     n_cls = len(s.class_names)
     h, w = instances.image_size
     if len(instances) and (instances.classes.min() < 0 or instances.classes.max() >= n_cls):
@@ -240,15 +283,14 @@ def postprocess(instances: Instances, settings: PostprocessSettings | None = Non
     # The minimum area applies to the remainder; a crop that cannot reach it even whole is skipped
     # before any morphology (cheap count on the probabilities).
     for i in cand:
-        prob = masks[i]
-        m = prob >= mt
-        total = int(np.count_nonzero(m))
-        if total == 0 or (total < min_area and not s.fill_holes):
-            continue
-        if s.fill_holes:
-            m = _fill_holes(m)
-        if s.keep_largest:
-            m = _largest_component(m)
+        if cache is not None:
+            m = cache.get(int(i), s)
+        else:
+            m = masks[i] >= mt
+            total = int(np.count_nonzero(m))
+            if total == 0 or (total < min_area and not s.fill_holes):
+                continue
+            m = _fill_and_keep_largest(m, s)
         total = int(np.count_nonzero(m))
         if total < min_area or total == 0:
             continue

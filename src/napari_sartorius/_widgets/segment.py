@@ -203,6 +203,7 @@ class SegmentCellsWidget(Container):
         self._worker = None
         self._stop = threading.Event()
         self._raw: list | None = None
+        self._crops: list = []  # CleanedCrops per plane, reused while only thresholds move
         self._class_names: tuple[str, ...] = DEFAULT_CLASSES
         self._lead_shape: tuple[int, ...] = ()
         self._source_image = None
@@ -466,7 +467,10 @@ class SegmentCellsWidget(Container):
             self._build_class_rows(class_names)
         if image_layer is not self._source_image:
             self.labels_layer = None  # a different image never reuses the previous result layer
+        from ..postprocess import CleanedCrops
+
         self._raw = list(raw)
+        self._crops = [CleanedCrops(inst) for inst in self._raw]
         self._class_names = class_names
         self._lead_shape = tuple(lead_shape)
         self._source_image = image_layer
@@ -504,7 +508,7 @@ class SegmentCellsWidget(Container):
     def _postprocess_all(self, settings):
         from ..postprocess import postprocess
 
-        results = [postprocess(inst, settings) for inst in self._raw]
+        results = [postprocess(inst, settings, cache=c) for inst, c in zip(self._raw, self._crops)]
         types = Counter(r.cell_type for r in results if r.cell_type is not None)
         cell_type = types.most_common(1)[0][0] if types else None
         self.last_cell_type = cell_type
