@@ -144,3 +144,28 @@ def test_segment_rejects_unknown_cell_type_and_missing_model(truth, tmp_path, ca
     assert code == 2 and "glia" in err and "shsy5y" in err
     code, _, err = run(capsys, "segment", images, "--out", tmp_path / "o", "--model", tmp_path / "none.pt")
     assert code == 2 and "none.pt" in err
+
+
+@pytest.mark.slow
+def test_train_writes_a_checkpoint_that_segment_can_use(truth, tmp_path, capsys):
+    gt, images = truth
+    ckpt = tmp_path / "model.pt"
+    code, out, err = run(capsys, "train", "--data", gt, "--images", images, "--arch", "mask_rcnn_R_50_FPN",
+                         "--iters", 2, "--batch", 1, "--size", 96, "--out", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert ckpt.is_file() and "iter 2/2" in err and str(ckpt) in out
+    code, _, err = run(capsys, "segment", images / "cort_1.png", "--out", tmp_path / "seg", "--model", ckpt, "--raw")
+    assert code == 0, err
+    assert (tmp_path / "seg" / "predictions.json").is_file()
+
+
+def test_train_refuses_bad_options_before_any_work(truth, tmp_path, capsys):
+    gt, images = truth
+    code, _, err = run(capsys, "train", "--data", gt, "--arch", "mask_rcnn_R_18", "--iters", 2, "--out", tmp_path / "m.pt")
+    assert code == 2 and "mask_rcnn_R_50_FPN" in err
+    code, _, err = run(capsys, "train", "--data", gt, "--images", images, "--iters", 2, "--folds", 2,
+                       "--val", gt, "--out", tmp_path / "m.pt")
+    assert code == 2 and "--folds" in err
+    code, _, err = run(capsys, "train", "--data", tmp_path / "none.json", "--iters", 2, "--out", tmp_path / "m.pt")
+    assert code == 2 and "none.json" in err
+    assert not (tmp_path / "m.pt").exists()

@@ -261,9 +261,75 @@ def cmd_import_detectron2(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training.cli_support import run_train_command
+    from .models.config import ModelConfig, check_arch
+    from .training import TrainSettings, concat_datasets, dataset_from_file, run_kfold, train
 
-    return run_train_command(args, progress=_progress)
+    check_arch(args.arch)
+    if args.iters < 1:
+        raise CLIError("--iters must be at least 1")
+    if args.folds is not None and args.val:
+        raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
+    if args.base and not Path(args.base).is_file():
+        raise CLIError(f"--base {args.base}: no such checkpoint file")
+    data = concat_datasets([dataset_from_file(src, args.images, clean=args.clean_masks) for src in args.data])
+    val = dataset_from_file(args.val, args.images, clean=args.clean_masks) if args.val else None
+    sizes = {}
+    if args.size is not None:
+        if args.size < 32:
+            raise CLIError("--size must be at least 32 px")
+        sizes = {"min_size_train": (int(round(args.size * 0.8)), args.size, int(round(args.size * 1.2))),
+                 "max_size_train": 2 * args.size}
+    settings = TrainSettings(
+        iters=args.iters, lr=args.lr, batch_size=args.batch, device=args.device, out=str(args.out),
+        resume=args.resume,
+        eval_period=max(1, args.iters // 5) if (val is not None or args.folds) else 0,
+        **sizes,
+    )
+    if args.base:
+        start = args.base
+    else:
+        test_size = {} if args.size is None else {"min_size_test": args.size, "max_size_test": 2 * args.size}
+        start = ModelConfig(args.arch, class_names=data.class_names, **test_size)
+    n_cells = sum(s.n_cells for s in data.samples)
+    _progress(f"training {args.arch} from {args.base or 'a fresh model'} on {len(data.samples)} image(s), "
+              f"{n_cells} cells, {args.iters} iterations, batch {args.batch}, lr {args.lr}")
+    if args.folds is not None:
+        result = _drain(run_kfold(start, data, args.folds, settings), _kfold_line)
+        print(result.format())
+        return 0 if not result.cancelled else EXIT_FAILED
+    result = _drain(train(start, data, settings, val_data=val), _train_line)
+    where = result.best_path if result.best_path else result.checkpoint_path
+    score = f", best validation score {result.best_score:.4f}" if result.best_score is not None else ""
+    print(f"wrote {where} after {result.iterations} iterations{score}")
+    return 0
+
+
+def _drain(gen, describe):
+    """Run a progress generator to its end, printing every 20th update (and messages) to stderr."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as done:
+            return done.value
+        line = describe(item)
+        if line:
+            _progress(line)
+
+
+def _train_line(p) -> str | None:
+    if p.message:
+        return p.message
+    if p.iteration % 20 and p.iteration != p.total and p.val_score is None:
+        return None
+    loss = p.losses.get("total", float("nan"))
+    left = f", {p.seconds_left / 60:.1f} min left" if p.seconds_left else ""
+    val = f", validation {p.val_score:.4f}" if p.val_score is not None else ""
+    return f"iter {p.iteration}/{p.total} loss {loss:.3f} lr {p.lr:.2e}{val}{left}"
+
+
+def _kfold_line(p) -> str | None:
+    line = _train_line(p.progress)
+    return None if line is None else f"fold {p.fold}/{p.folds}: {line}"
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -348,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     t.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     t.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
+    t.add_argument("--size", type=int,
+                   help="short image side in px: training at 0.8/1/1.2 x SIZE, and a fresh model's test size "
+                   "(default: the architecture's, 640-1024 training, 1024 test)")
     t.add_argument("--clean-masks", action="store_true", help="fill holes, drop fragments and resolve overlaps first")
     t.add_argument("--resume", action="store_true", help="continue from --out if it holds a stopped run")
     t.set_defaults(func=cmd_train)
