@@ -20,6 +20,7 @@ def test_single_process_is_a_no_op(monkeypatch):
     assert dist_utils.unwrap(model) is model
     with dist_utils.no_sync(model):
         pass
+    assert dist_utils.any_rank(True, None) and not dist_utils.any_rank(False, None)
 
 
 def test_without_torchrun_variables_the_error_says_so(monkeypatch):

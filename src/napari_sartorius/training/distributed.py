@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "world_size_from_env", "init_from_env", "is_main_process", "wrap_model", "unwrap", "no_sync", "barrier", "cleanup"]
+__all__ = ["DistContext", "world_size_from_env", "init_from_env", "is_main_process", "wrap_model", "unwrap", "no_sync", "any_rank", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,16 @@ def no_sync(model: nn.Module):
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def any_rank(flag: bool, ctx: DistContext | None) -> bool:
+    """True when ``flag`` is true on any process (e.g. a stop request seen by rank 0 only), so that all
+    ranks leave the loop together instead of waiting for each other forever."""
+    if ctx is None or not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def barrier(ctx: DistContext | None) -> None:

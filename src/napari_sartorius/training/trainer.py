@@ -368,6 +368,11 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
 
     Args:
         images: a few training images, float ``(3, H, W)`` 0..255 on the model's device.
+
+    Training a whole random ResNet body with frozen statistics is unstable (its activations drift
+    with nothing to renormalise them); from scratch, freeze the body (``freeze_at=5``: FPN, RPN and
+    heads learn on fixed random features) or use a small learning rate with ``clip_grad_norm``.
+    Real use starts from pre-trained (LIVECell) weights.
     """
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -727,12 +732,13 @@ def train(
     elif state is not None:
         state = None  # weights only: a new run
 
+    old_names = tuple(config.class_names)
     model, config, adapt_msg = adapt_num_classes(model, config, train_data.class_names)
     if adapt_msg:
         if state is not None:
             raise TrainingError(
-                f"cannot resume {base}: it was trained for classes {', '.join(config.class_names)} (before "
-                "adaptation) but the data has other classes; start a new run (resume=False)"
+                f"cannot resume {base}: it was trained for the classes {', '.join(old_names)} but the data has "
+                f"{', '.join(train_data.class_names)}; start a new run from its weights (resume=False)"
             )
         yield note(adapt_msg, start_iter)
     if val_data is not None and val_data.class_names != train_data.class_names:
@@ -828,7 +834,7 @@ def train(
     batches = iter(loader)
     try:
         while iteration < s.iters:
-            if _stop_requested(stop):
+            if dist_utils.any_rank(_stop_requested(stop), ctx):
                 cancelled = True
                 break
             t0 = time.perf_counter()
@@ -849,7 +855,7 @@ def train(
                         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                             loss_dict = train_model(images, targets)
                         loss = sum(loss_dict.values()) / s.grad_accum
-                        if not torch.isfinite(loss):
+                        if not torch.isfinite(loss.detach()):
                             parts = ", ".join(f"{k} {float(v):.3g}" for k, v in loss_dict.items())
                             raise TrainingError(
                                 f"the loss became {float(loss):g} at iteration {iteration + 1} ({parts}): "
