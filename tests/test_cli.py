@@ -169,3 +169,14 @@ def test_train_refuses_bad_options_before_any_work(truth, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", tmp_path / "none.json", "--iters", 2, "--out", tmp_path / "m.pt")
     assert code == 2 and "none.json" in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_init_model_and_train_refuses_a_base_of_another_architecture(truth, tmp_path, capsys):
+    gt, images = truth
+    ckpt = tmp_path / "c4.pt"
+    code, out, err = run(capsys, "init-model", "mask_rcnn_R_50_C4", "--out", ckpt, "--classes", "shsy5y,astro,cort")
+    assert code == 0, err
+    assert ckpt.is_file() and "mask_rcnn_R_50_C4" in out
+    code, _, err = run(capsys, "train", "--data", gt, "--images", images, "--base", ckpt,
+                       "--arch", "mask_rcnn_R_50_FPN", "--iters", 1, "--out", tmp_path / "m.pt")
+    assert code == 2 and "mask_rcnn_R_50_C4" in err and not (tmp_path / "m.pt").exists()

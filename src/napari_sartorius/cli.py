@@ -16,6 +16,8 @@ from typing import Sequence
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
+DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
+
 #: Exit statuses: 1 for a failed job, 2 for bad usage or bad input (argparse uses 2 as well).
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -262,21 +264,31 @@ def cmd_import_detectron2(args) -> int:
 
 def cmd_train(args) -> int:
     from .models.config import ModelConfig, check_arch
-    from .training import TrainSettings, concat_datasets, dataset_from_file, run_kfold, train
+    from .training import TrainSettings, concat_datasets, dataset_from_file, distributed
 
-    check_arch(args.arch)
+    if args.arch is not None:
+        check_arch(args.arch)
     if args.iters < 1:
         raise CLIError("--iters must be at least 1")
+    if args.size is not None and args.size < 32:
+        raise CLIError("--size must be at least 32 px")
     if args.folds is not None and args.val:
         raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
-    if args.base and not Path(args.base).is_file():
-        raise CLIError(f"--base {args.base}: no such checkpoint file")
+    if args.base:
+        if not Path(args.base).is_file():
+            raise CLIError(f"--base {args.base}: no such checkpoint file")
+        from .models.checkpoint import read_checkpoint
+
+        base_arch = read_checkpoint(args.base)[1].arch
+        if args.arch is not None and args.arch != base_arch:
+            raise CLIError(f"--arch {args.arch} but --base {args.base} holds a {base_arch}; drop --arch or pick "
+                           "a checkpoint of that architecture")
+        args.arch = base_arch
+    args.arch = args.arch or DEFAULT_ARCH
     data = concat_datasets([dataset_from_file(src, args.images, clean=args.clean_masks) for src in args.data])
     val = dataset_from_file(args.val, args.images, clean=args.clean_masks) if args.val else None
     sizes = {}
     if args.size is not None:
-        if args.size < 32:
-            raise CLIError("--size must be at least 32 px")
         sizes = {"min_size_train": (int(round(args.size * 0.8)), args.size, int(round(args.size * 1.2))),
                  "max_size_train": 2 * args.size}
     settings = TrainSettings(
@@ -290,22 +302,35 @@ def cmd_train(args) -> int:
     else:
         test_size = {} if args.size is None else {"min_size_test": args.size, "max_size_test": 2 * args.size}
         start = ModelConfig(args.arch, class_names=data.class_names, **test_size)
+    main_process = distributed.is_main_process()  # under torchrun only rank 0 talks
+    say = _progress if main_process else (lambda *a, **k: None)
+    try:
+        return _train(args, start, data, val, settings, say, main_process)
+    finally:
+        distributed.cleanup()
+
+
+def _train(args, start, data, val, settings, say, main_process) -> int:
+    from .training import run_kfold, train
+
     n_cells = sum(s.n_cells for s in data.samples)
-    _progress(f"training {args.arch} from {args.base or 'a fresh model'} on {len(data.samples)} image(s), "
-              f"{n_cells} cells, {args.iters} iterations, batch {args.batch}, lr {args.lr}")
+    say(f"training {args.arch} from {args.base or 'a fresh model'} on {len(data.samples)} image(s), "
+        f"{n_cells} cells, {args.iters} iterations, batch {args.batch}, lr {args.lr}")
     if args.folds is not None:
-        result = _drain(run_kfold(start, data, args.folds, settings), _kfold_line)
-        print(result.format())
+        result = _drain(run_kfold(start, data, args.folds, settings), _kfold_line, say)
+        if main_process:
+            print(result.format())
         return 0 if not result.cancelled else EXIT_FAILED
-    result = _drain(train(start, data, settings, val_data=val), _train_line)
+    result = _drain(train(start, data, settings, val_data=val), _train_line, say)
     where = result.best_path if result.best_path else result.checkpoint_path
     score = f", best validation score {result.best_score:.4f}" if result.best_score is not None else ""
-    print(f"wrote {where} after {result.iterations} iterations{score}")
+    if main_process:
+        print(f"wrote {where} after {result.iterations} iterations{score}")
     return 0
 
 
-def _drain(gen, describe):
-    """Run a progress generator to its end, printing every 20th update (and messages) to stderr."""
+def _drain(gen, describe, say):
+    """Run a progress generator to its end, saying every 20th update (and messages)."""
     while True:
         try:
             item = next(gen)
@@ -313,7 +338,7 @@ def _drain(gen, describe):
             return done.value
         line = describe(item)
         if line:
-            _progress(line)
+            say(line)
 
 
 def _train_line(p) -> str | None:
@@ -405,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train or fine-tune a model (K-fold cross-validation with --folds)")
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")
     t.add_argument("--images", help="folder of the training images (default: beside SRC or its images/ folder)")
-    t.add_argument("--arch", default="mask_rcnn_R_50_FPN", help="architecture (default mask_rcnn_R_50_FPN)")
+    t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
     t.add_argument("--base", help="starting checkpoint (e.g. LIVECell-pretrained, imported from detectron2)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
     t.add_argument("--out", required=True, help="checkpoint file to write")

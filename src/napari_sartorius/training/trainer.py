@@ -35,6 +35,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..device import is_out_of_memory, resolve_device
 from . import distributed as dist_utils
 from .augment import AugmentationSettings, TrainTransform
 from .data import TrainingDataset, collate
@@ -604,25 +605,12 @@ def _load_start(model_or_ckpt, class_names: Sequence[str]):
     )
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} was asked for but CUDA is not available here: use device='cpu'")
-    return dev
-
-
 def _stop_requested(stop) -> bool:
     if stop is None:
         return False
     if isinstance(stop, threading.Event):
         return stop.is_set()
     return bool(stop())
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _oom_message(s: TrainSettings, device: torch.device, iteration: int) -> str:
@@ -710,7 +698,7 @@ def train(
     if not isinstance(train_data, TrainingDataset):
         raise TypeError(f"train_data must be a TrainingDataset (see training.data), got {type(train_data).__name__}")
     ctx = dist_utils.init_from_env(s.device)
-    device = ctx.device if ctx is not None else _resolve_device(s.device)
+    device = ctx.device if ctx is not None else resolve_device(s.device)
     main = ctx is None or ctx.rank == 0
     torch.manual_seed(s.seed)
 
@@ -877,7 +865,7 @@ def train(
             except TrainingError:
                 raise
             except RuntimeError as e:
-                if _is_oom(e):
+                if is_out_of_memory(e):
                     optimizer.zero_grad(set_to_none=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
