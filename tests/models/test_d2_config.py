@@ -260,3 +260,11 @@ def test_unsupported_layer_options(name, override, option):
 def test_cascade_with_resnet50_is_not_one_of_the_six():
     with pytest.raises(UnsupportedConfigError, match="cascade_mask_rcnn_R_50_FPN"):
         check_supported(_zoo("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml"))
+
+
+def test_python_yaml_tags_are_refused_not_evaluated(tmp_path):
+    # detectron2's Base-RetinaNet.yaml computes anchor sizes with !!python/object/apply:eval
+    path = tmp_path / "retina.yaml"
+    path.write_text('MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval ["[[32]]"]\n')
+    with pytest.raises(UnsupportedConfigError, match="Python YAML tag"):
+        load_d2_config(path)

@@ -318,6 +318,11 @@ def _read_yaml(path: Path) -> dict:
         raise ValueError(f"cannot read detectron2 config {path}: {exc}") from exc
     try:
         data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        raise UnsupportedConfigError(
+            f"{path} uses a Python YAML tag ({str(exc.problem or exc).strip()[:80]}); such values are code "
+            "and are never evaluated here: replace them by plain numbers/lists"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path} is not valid YAML ({exc}); pass the config.yaml written by detectron2") from exc
     if data is None:
