@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from napari_sartorius.models.architectures import build_model
-from napari_sartorius.models.checkpoint import load_checkpoint
+from napari_sartorius.models.checkpoint import load_checkpoint, read_checkpoint
 from napari_sartorius.models.d2_config import config_to_model_config, load_d2_config
 from napari_sartorius.models.detectron2_import import (
     Detectron2ImportError,
@@ -247,8 +247,9 @@ def test_import_writes_a_project_checkpoint(tmp_path, fpn_model):
     weights = tmp_path / "model_final.pth"
     torch.save({"model": export_to_d2(model, config)}, weights)
     out = tmp_path / "ckpt" / "imported.pt"
-    report = import_detectron2(weights, cfg_path, out, class_names=CLASSES)
-    assert len(report.mapped) == len(model.state_dict())
+    assert import_detectron2(weights, cfg_path, out, class_names=CLASSES) == out
+    _, _, extra = read_checkpoint(out)
+    assert extra["imported_from"]["tensors"] == len(model.state_dict())
     loaded, loaded_config = load_checkpoint(out)
     assert loaded_config.arch == "mask_rcnn_R_50_FPN"
     assert loaded_config.anchor_sizes == ((8.0,), (16.0,), (32.0,), (64.0,), (128.0,))

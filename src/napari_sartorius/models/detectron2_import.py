@@ -476,17 +476,35 @@ def import_detectron2(
     config_path: str | Path,
     out_path: str | Path,
     class_names: Sequence[str] = DEFAULT_CLASSES,
-) -> ImportReport:
+) -> Path:
     """Turn a detectron2 checkpoint and its config into a project checkpoint at ``out_path``.
 
     The project checkpoint keeps detectron2's input convention (BGR, its pixel mean/std), anchors,
-    test size and thresholds; it is written atomically by ``checkpoint.save_checkpoint``.
+    test size and thresholds; it is written atomically by ``checkpoint.save_checkpoint``, with the
+    import's facts (source files, tensors ignored, warnings) in its ``extra`` data. Warnings of the
+    import (e.g. BatchNorm statistics filled in) are also issued as :class:`UserWarning`.
 
     Returns:
-        The :class:`ImportReport` (mapped / ignored tensors, warnings).
+        The path written.
+
+    Raises:
+        FileNotFoundError, :class:`~.d2_config.UnsupportedConfigError`, :class:`Detectron2ImportError`
+        (all ``ValueError`` subclasses apart from the first), with the file and the reason in the message.
     """
+    import warnings
+
     from .checkpoint import save_checkpoint
 
     model, config, report = load_detectron2_model(weights_path, config_path, class_names)
-    save_checkpoint(out_path, model, config)
-    return report
+    for message in report.warnings:
+        warnings.warn(f"{weights_path}: {message}", UserWarning, stacklevel=2)
+    extra = {
+        "imported_from": {
+            "detectron2_weights": str(weights_path),
+            "detectron2_config": str(config_path),
+            "tensors": len(report.mapped),
+            "ignored": report.ignored,
+            "warnings": report.warnings,
+        }
+    }
+    return save_checkpoint(out_path, model, config, extra=extra)
