@@ -147,11 +147,9 @@ class _SizedEngine:
         return self.inner.predict_batch(images)
 
 
-def test_multiscale_scales_the_test_size_of_an_engine_that_resizes_itself(engine):
-    from conftest import blob_image
-
+def test_multiscale_scales_the_test_size_of_an_engine_that_resizes_itself(engine, fakes):
     sized = _SizedEngine(engine)
-    image = blob_image((64, 80))
+    image = fakes.blob_image((64, 80))
     out = run_tta(sized, image, "multiscale", scales=(0.5, 1.0, 1.5))
     # the image reaches the network at its own size; the network's test size carries the scale
     assert sorted(size for size, _ in sized.seen) == [400, 800, 1200]
