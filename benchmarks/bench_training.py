@@ -11,8 +11,13 @@
    small synthetic images (``--conv-shape``, all three cell types), then scored with the
    competition metric (``MaskRCNNEngine`` + ``postprocess`` + ``metrics.evaluate``) on held-out
    synthetic images; prints the loss at the start and end and the held-out score, per cell type.
+3. Memory (``--memory``, Linux): peak resident memory of one R50-FPN training iteration (batch 1) on
+   a synthetic 520 x 704 SH-SY5Y image (``make_sample("shsy5y")``, ~280 cells) at short edge
+   ``--short-edge``, per phase (model transform, backbone, RPN, RoI heads, backward): the peak
+   (``VmHWM``, reset before each phase through ``/proc/self/clear_refs``) and the RSS before it.
 
     python benchmarks/bench_training.py [--threads 2] [--iters 3] [--conv-iters 150] [--skip-throughput]
+    python benchmarks/bench_training.py --memory --skip-throughput --skip-convergence
 """
 
 from __future__ import annotations
@@ -79,6 +84,50 @@ def convergence(iters: int, shape: tuple[int, int], n_train: int, n_val: int, lr
     return res, train_s, after
 
 
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def memory(short_edge: int, seed: int = 0) -> tuple[int, list[tuple[str, float, float, float]]]:
+    """``(cells, [(phase, RSS before, peak, seconds)])`` in MB of one training iteration (CPU)."""
+    import numpy as np
+
+    from napari_sartorius.instances import Instances
+    from napari_sartorius.models.architectures import build_model
+    from napari_sartorius.synthetic import make_sample
+    from napari_sartorius.training.augment import instances_to_masks, masks_to_boxes
+
+    torch.manual_seed(seed)
+    sample = make_sample("shsy5y", seed=seed)
+    masks = instances_to_masks(Instances.from_label_image(sample.labels))
+    image = torch.from_numpy(np.repeat(sample.image[None], 3, axis=0)).float()
+    target = {"boxes": masks_to_boxes(masks), "labels": torch.ones(len(masks), dtype=torch.int64), "masks": masks}
+    cfg = ModelConfig("mask_rcnn_R_50_FPN", min_size_train=(short_edge,), max_size_train=2 * short_edge)
+    model = build_model(cfg).train()
+    rows = []
+
+    def phase(name, fn):
+        before = _proc_status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current RSS
+        t0 = time.perf_counter()
+        out = fn()
+        rows.append((name, before, _proc_status_mb("VmHWM"), time.perf_counter() - t0))
+        return out
+
+    images, targets = phase("transform", lambda: model.transform([image], [target]))
+    features = phase("backbone", lambda: model.backbone(images.tensors))
+    proposals, rpn_losses = phase("RPN", lambda: model.rpn(images, features, targets))
+    _, roi_losses = phase("RoI heads", lambda: model.roi_heads(features, proposals, images.image_sizes, targets))
+    losses = {**rpn_losses, **roi_losses}
+    phase("backward", lambda: sum(losses.values()).backward())
+    return len(masks), rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -98,8 +147,21 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-convergence", action="store_true")
     ap.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of one training iteration, per phase (Linux)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+
+    if args.memory:
+        if not sys.platform.startswith("linux"):
+            print("Memory: needs Linux (/proc/self/clear_refs); skipped", flush=True)
+        else:
+            cells, rows = memory(args.short_edge)
+            print(f"Memory: R50-FPN training iteration, synthetic 520x704 shsy5y ({cells} cells), "
+                  f"short edge {args.short_edge}, CPU ({args.threads} threads)", flush=True)
+            print(f"  {'phase':10s} {'RSS before':>10s} {'peak':>8s} {'peak - before':>13s} {'s':>6s}   (MB)")
+            for name, before, peak, secs in rows:
+                print(f"  {name:10s} {before:10.0f} {peak:8.0f} {peak - before:13.0f} {secs:6.1f}")
+            print(f"  iteration peak {max(r[2] for r in rows):.0f} MB", flush=True)
 
     if not args.skip_throughput:
         if not args.gpu_only:

@@ -44,7 +44,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from .anchors import CellAnchorGenerator
@@ -53,6 +53,7 @@ from .c4 import Res5RoIHeads
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
 from .config import ARCH_NAMES, ModelConfig, check_arch
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
+from .mask_loss import mask_rcnn_loss
 from .pooler import RoIPooler
 from .transform import CellTransform
 
@@ -96,11 +97,33 @@ class CellMaskRCNN(GeneralizedRCNN):
 
 class ChunkedMaskRoIHeads(RoIHeads):
     """torchvision's RoIHeads whose test-time mask branch runs in chunks of detections
-    (:mod:`.mask_branch`): same outputs, memory bounded for 1000 detections x a TTA batch."""
+    (:mod:`.mask_branch`): same outputs, memory bounded for 1000 detections x a TTA batch; and whose
+    mask loss crops each positive RoI's uint8 ground truth (:mod:`.mask_loss`) instead of converting
+    every full-image mask to float: same losses."""
 
     mask_chunk: int = DEFAULT_CHUNK
 
+    def _training_forward(self, features, proposals, image_shapes, targets):
+        self.check_targets(targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        fg = [lab > 0 for lab in labels]
+        fg_boxes = [p[m] for p, m in zip(proposals, fg)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, fg_boxes, image_shapes)))
+        loss_mask = mask_rcnn_loss(
+            mask_logits,
+            fg_boxes,
+            [t["masks"] for t in targets],
+            [t["labels"] for t in targets],
+            [i[m] for i, m in zip(matched_idxs, fg)],
+        )
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
     def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training and self.has_mask() and not self.has_keypoint():
+            return self._training_forward(features, proposals, image_shapes, targets)
         if self.training or not self.has_mask():
             return super().forward(features, proposals, image_shapes, targets)
         pool, self.mask_roi_pool = self.mask_roi_pool, None  # boxes only from the parent

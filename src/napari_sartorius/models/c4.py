@@ -24,8 +24,9 @@ from torchvision.models.detection.roi_heads import (
     RoIHeads,
     fastrcnn_loss,
     maskrcnn_inference,
-    maskrcnn_loss,
 )
+
+from .mask_loss import mask_rcnn_loss
 
 __all__ = ["Res5RoIHeads"]
 
@@ -112,7 +113,7 @@ class Res5RoIHeads(RoIHeads):
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
             fg = [lab > 0 for lab in labels]
             mask_logits = self.mask_predictor(box_features[torch.cat(fg)])
-            loss_mask = maskrcnn_loss(
+            loss_mask = mask_rcnn_loss(
                 mask_logits,
                 [p[m] for p, m in zip(proposals, fg)],
                 [t["masks"] for t in targets],

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
+from .mask_loss import mask_rcnn_loss
 
 __all__ = ["CascadeRoIHeads", "CascadeBoxPredictor", "select_detections"]
 
@@ -222,7 +223,7 @@ class CascadeRoIHeads(RoIHeads):
             fg = [lab > 0 for lab in labels]
             fg_boxes = [p[m] for p, m in zip(proposals, fg)]
             x = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, fg_boxes, image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(
+            losses["loss_mask"] = mask_rcnn_loss(
                 x,
                 fg_boxes,
                 [t["masks"] for t in targets],

@@ -8,7 +8,8 @@
 * resizing follows detectron2's ``ResizeShortestEdge``: ``scale = min_size / min(H, W)``, capped so that
   ``max(H, W) * scale <= max_size``, new side ``int(side * scale + 0.5)``, bilinear (half-pixel
   centres; antialiased when shrinking, like the PIL resize detectron2 uses); ``min_size_test = 0`` keeps
-  the input size;
+  the input size; training masks are resized nearest-neighbour in their own dtype
+  (:func:`resize_masks`: uint8 stays uint8);
 * output (eval): boxes are mapped back to input-image pixels and clipped, and ``masks`` stay the raw
   ``(N, 1, M, M)`` mask probabilities of the mask head. torchvision would paste every mask into a full
   ``(N, 1, H, W)`` float array (1.2 GB for 800 cells of a 520 x 704 image); the predictor pastes each
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-__all__ = ["CellTransform", "resized_shape"]
+__all__ = ["CellTransform", "resize_masks", "resized_shape"]
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -35,6 +36,24 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of full-image instance masks, in their own dtype.
+
+    Args:
+        masks: ``(N, H, W)`` uint8 (or bool, or float) 0/1 masks.
+        size: the output ``(h, w)``.
+
+    Returns:
+        ``(N, h, w)`` masks of the input dtype. Pixel centres map onto pixel centres ("nearest-exact",
+        as the half-pixel bilinear image resize and PIL's NEAREST), so the tight box of a resized mask
+        is its resized box to within half a pixel when enlarging; torch's plain "nearest" shifts it by
+        +0.5 px on average. No float copy: 300 masks at 1024 x 1386 are 0.4 GB as uint8, 1.7 GB as float.
+    """
+    if masks.dtype == torch.bool:
+        return resize_masks(masks.view(torch.uint8), size).view(torch.bool)
+    return F.interpolate(masks[:, None], size=tuple(size), mode="nearest-exact")[:, 0]
 
 
 class CellTransform(GeneralizedRCNNTransform):
@@ -103,8 +122,7 @@ class CellTransform(GeneralizedRCNNTransform):
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (h, w), (nh, nw))
         if "masks" in target and (nh, nw) != (h, w):
-            masks = target["masks"]
-            target["masks"] = F.interpolate(masks[:, None].float(), size=(nh, nw), mode="nearest")[:, 0].to(masks.dtype)
+            target["masks"] = resize_masks(target["masks"], (nh, nw))
         return image, target
 
     def postprocess(
