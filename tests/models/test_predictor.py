@@ -173,3 +173,20 @@ def test_set_test_size_changes_the_network_input(engine, monkeypatch):
         assert engine.config.min_size_test == 64
     finally:
         engine.set_test_size(old)
+
+
+def test_cpu_passes_take_cpu_batch_images_with_the_same_results(engine, monkeypatch):
+    img = np.random.default_rng(5).integers(0, 255, (64, 80), dtype=np.uint8)
+    passes = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda tensors: passes.append(len(tensors)) or run(tensors))
+    together = engine.predict_batch([img, img[:, ::-1], img])
+    assert passes == [1, 1, 1]
+    engine.cpu_batch = 2
+    passes.clear()
+    again = engine.predict_batch([img, img[:, ::-1], img])
+    assert passes == [2, 1]
+    for a, b in zip(together, again):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        assert len(a) == len(b)
+    engine.cpu_batch = 1
