@@ -15,7 +15,8 @@ Parameter names (``model.state_dict()`` keys; stable, the detectron2 importer ma
 * backbone: see :mod:`.backbones` (``backbone.body.*``, ``backbone.fpn.*``) and :mod:`.deform_conv`.
 * RPN: ``rpn.head.conv.0.0`` (3x3 conv, C -> C; detectron2 ``proposal_generator.rpn_head.conv``),
   ``rpn.head.cls_logits`` (A outputs; ``...rpn_head.objectness_logits``), ``rpn.head.bbox_pred``
-  (4 A outputs, anchor-major; ``...rpn_head.anchor_deltas``). Anchor order: :mod:`.anchors`.
+  (4 A outputs, anchor-major; ``...rpn_head.anchor_deltas``). Anchor order: :mod:`.anchors`. Training
+  targets are matched over chunks of anchors (:mod:`.anchor_matching`, same result, bounded memory).
 * FPN box head: ``roi_heads.box_head.fc6``/``fc7`` (2-fc head, detectron2 ``roi_heads.box_head.fc1``/
   ``fc2``) or, with convs/norm, a torchvision ``FastRCNNConvFCHead``: ``roi_heads.box_head.{i}.0``
   (conv i, ``box_head.conv{i+1}``), ``.{i}.1`` (its GroupNorm, ``conv{i+1}.norm``), then after the
@@ -47,6 +48,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
+from .anchor_matching import ChunkedMatchRPN
 from .anchors import CellAnchorGenerator
 from .backbones import C4_STRIDE, FPN_STRIDES, build_c4_backbone, build_fpn_backbone, group_norm
 from .c4 import Res5RoIHeads
@@ -157,7 +159,7 @@ def _transform(config: ModelConfig) -> CellTransform:
 def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwork:
     anchors = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, strides, round_anchors=config.round_anchors)
     head = Float32RPNHead(in_channels, anchors.num_anchors_per_location()[0])
-    return RegionProposalNetwork(
+    return ChunkedMatchRPN(
         anchors,
         head,
         fg_iou_thresh=config.rpn_fg_iou_thresh,
