@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-d2 = pytest.importorskip("detectron2")
+d2 = pytest.importorskip("detectron2", exc_type=ImportError)  # absent or broken build: skip
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model as d2_build_model  # noqa: E402
