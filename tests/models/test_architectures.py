@@ -138,6 +138,32 @@ def test_train_step_and_eval(arch, tiny_resnext):
     assert out["boxes"][:, [0, 2]].max() <= SIZE and out["boxes"][:, [1, 3]].max() <= 100
 
 
+@pytest.mark.parametrize("arch", ["mask_rcnn_R_50_FPN", "mask_rcnn_R_50_C4", "cascade_mask_rcnn_X_152_32x8d_FPN"])
+def test_fresh_output_layers_start_as_detectron2(arch, tiny_resnext):
+    from napari_sartorius.training.trainer import prepare_fresh_model
+
+    torch.manual_seed(0)
+    model = build_model(small_config(arch))
+    heads = model.roi_heads
+    pred = heads.mask_predictor
+    assert abs(pred.mask_fcn_logits.weight.std().item() - 0.001) < 2e-4
+    deconv = pred.conv5_mask.weight  # (in, out, 2, 2): fan_out = in * 4
+    assert abs(deconv.std().item() - math.sqrt(2 / (deconv.shape[0] * 4))) < 0.1 * math.sqrt(2 / (deconv.shape[0] * 4))
+    assert not pred.mask_fcn_logits.bias.any() and not pred.conv5_mask.bias.any()
+    for box_pred in heads.box_predictor if isinstance(heads.box_predictor, torch.nn.ModuleList) else [heads.box_predictor]:
+        assert abs(box_pred.cls_score.weight.std().item() - 0.01) < 2e-3
+        assert abs(box_pred.bbox_pred.weight.std().item() - 0.001) < 3e-4
+        assert not box_pred.cls_score.bias.any() and not box_pred.bbox_pred.bias.any()
+    # the training start of a fresh model (FrozenBN statistics from the data): mask logits ~0, so the
+    # mask loss is ln 2 (torchvision's Kaiming-drawn logits gave 3-10)
+    image, target = synthetic_sample()
+    prepare_fresh_model(model, [image])
+    model.train()
+    with torch.no_grad():
+        losses = model([image], [target])
+    assert abs(losses["loss_mask"].item() - math.log(2)) < 0.01
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mask_rcnn_X_101_32x8d_FPN", "cascade_mask_rcnn_X_152_32x8d_FPN"])
 def test_full_resnext_builds_and_runs(arch):

@@ -79,7 +79,16 @@ class Float32RPNHead(RPNHead):
 
 
 class Float32BoxPredictor(FastRCNNPredictor):
-    """torchvision's ``FastRCNNPredictor`` (``cls_score``, ``bbox_pred``) with float32 outputs."""
+    """torchvision's ``FastRCNNPredictor`` (``cls_score``, ``bbox_pred``) with float32 outputs, initialised
+    as detectron2's ``FastRCNNOutputLayers``: normal weights, std 0.01 (scores) and 0.001 (deltas), zero
+    bias (torchvision keeps PyTorch's default uniform init)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__(in_channels, num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x):
         scores, deltas = super().forward(x)
@@ -192,10 +201,32 @@ def _fpn_box_head(config: ModelConfig) -> tuple[nn.Module, int]:
     return head, (dim if fcs else 256 * 7 * 7)
 
 
+def c2_msra_fill(module: nn.Module) -> None:
+    """detectron2's (Caffe2's) "MSRAFill": Kaiming normal weights (fan_out, ReLU gain), zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _mask_predictor(in_channels: int, num_classes: int) -> MaskRCNNPredictor:
+    """2x2 deconvolution to 256 channels + ReLU + 1x1 class logits, initialised as detectron2's
+    ``MaskRCNNConvUpsampleHead``: deconvolution ``c2_msra_fill``, logits normal std 0.001 and zero bias.
+    (torchvision draws the logits with Kaiming fan_out over K + 1 outputs, std ~0.7, and keeps default
+    biases: a fresh model's mask loss starts at 3-10 instead of ln 2 = 0.69.)"""
+    predictor = MaskRCNNPredictor(in_channels, 256, num_classes)
+    c2_msra_fill(predictor.conv5_mask)
+    nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(predictor.mask_fcn_logits.bias)
+    return predictor
+
+
 def _fpn_mask_branch(config: ModelConfig) -> tuple[RoIPooler, nn.Module, nn.Module]:
     norm = group_norm if config.mask_head_norm == "GN" else None
     head = MaskRCNNHeads(256, [256] * config.mask_head_convs, 1, norm_layer=norm)
-    return _pooler(config, 14), head, MaskRCNNPredictor(256, 256, config.num_classes + 1)
+    for conv in head.modules():  # torchvision already draws these so; stated here as detectron2 does
+        if isinstance(conv, nn.Conv2d):
+            c2_msra_fill(conv)
+    return _pooler(config, 14), head, _mask_predictor(256, config.num_classes + 1)
 
 
 # -- builders ---------------------------------------------------------------------------------------
@@ -231,7 +262,7 @@ def build_c4_model(config: ModelConfig) -> CellMaskRCNN:
         pooler,
         res5,
         Float32BoxPredictor(2048, config.num_classes + 1),
-        MaskRCNNPredictor(2048, 256, config.num_classes + 1),
+        _mask_predictor(2048, config.num_classes + 1),
         fg_iou_thresh=config.roi_iou_thresh,
         bg_iou_thresh=config.roi_iou_thresh,
         batch_size_per_image=config.roi_batch_size_per_image,
@@ -307,6 +338,10 @@ assert tuple(ARCHITECTURES) == ARCH_NAMES
 
 def build_model(config: ModelConfig, *, weights_backbone=None) -> CellMaskRCNN:
     """A randomly initialised model of ``config`` (``config.arch`` picks the builder).
+
+    Output layers start as detectron2's: class scores normal std 0.01, box deltas and mask logits std
+    0.001, zero biases, mask convolutions ``c2_msra_fill``; a fresh model's losses start near
+    ln(K + 1) (classes) and ln 2 (masks).
 
     Args:
         config: the model's settings.

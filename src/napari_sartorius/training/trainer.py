@@ -364,8 +364,8 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
     weights and the identity statistics, activations grow through the 50+ layers and the first steps
     diverge. One forward pass over ``images`` sets every FrozenBN's mean/variance to those of its
     input (in network order, so each layer sees already normalised inputs: a data-dependent
-    initialisation in the spirit of LSUV), and the class/box/mask output layers get detectron2's
-    small initial weights. Not for pre-trained models.
+    initialisation in the spirit of LSUV). The class/box/mask output layers already have detectron2's
+    small initial weights from the model builders (``build_model``). Not for pre-trained models.
 
     Args:
         images: a few training images, float ``(3, H, W)`` 0..255 on the model's device.
@@ -406,11 +406,6 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
         if saved_post:
             rpn._post_nms_top_n = saved_post
         model.train(was_training)
-    with torch.no_grad():
-        for _, mod, kind in _head_layers(model):
-            nn.init.normal_(mod.weight, std=0.01 if kind == "cls" else 0.001)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
 
 
 def _param_groups(model: nn.Module, s: TrainSettings) -> list[dict]:
@@ -744,7 +739,7 @@ def train(
     if fresh:
         first = [data[(i, s.seed)][0].to(device) for i in range(min(len(data), 2))]
         prepare_fresh_model(model, first)
-        yield note("Fresh model: FrozenBN statistics set from the first images, heads initialised.", 0)
+        yield note("Fresh model: FrozenBN statistics set from the first images.", 0)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
