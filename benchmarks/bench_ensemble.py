@@ -93,6 +93,32 @@ def main(argv=None) -> None:
     print(f"fusion + post-processing = {share:.1f} % of one forward (target < 15 %); "
           f"{len(engines)} models x {n_variants} variants")
     print(f"peak RSS: {peak_rss_mb():.0f} MB (target < 3000 MB)")
+    if torch.cuda.is_available():
+        gpu_throughput(engines[0].model, engines[0].config, image, args.tta)
+    else:
+        print("GPU section skipped: no CUDA device")
+
+
+def gpu_throughput(model, config, image, tta: str, seconds: float = 20.0) -> None:
+    """Images per second on the GPU with fp16 autocast, each image with its TTA variants as one batch."""
+    import torch
+
+    from napari_sartorius.inference.tta import run_tta
+    from napari_sartorius.models.predictor import MaskRCNNEngine
+
+    for amp in (True, False):
+        engine = MaskRCNNEngine(model, config, device="cuda", amp=amp, name="gpu")
+        run_tta(engine, image, tta)  # warm-up (cuDNN autotuning, allocator)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            run_tta(engine, image, tta)
+            n += 1
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        print(f"GPU {torch.cuda.get_device_name()}: {'fp16' if amp else 'fp32'}, TTA {tta}: {n / dt:.2f} images/s "
+              f"({n} images in {dt:.1f} s), peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
