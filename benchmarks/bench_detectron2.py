@@ -12,8 +12,8 @@ input size (no resizing on either side):
 * ``to results``: detectron2 ``model(inputs)`` (masks pasted into full-image arrays, thresholded)
   against ``MaskRCNNEngine.predict`` (masks pasted into crops).
 
-It prints the median of ``--runs`` runs (after one warm-up) and the ratio project / detectron2.
-Random weights give up to 1000 low-confidence instances, close to the per-image load of SH-SY5Y.
+It prints the median of ``--runs`` runs (after one warm-up) and the ratio project / detectron2, with
+the instance counts of both (equal when both process the same proposals).
 
     python benchmarks/bench_detectron2.py [--arch mask_rcnn_R_50_FPN mask_rcnn_R_50_C4] [--runs 3] [--threads 1]
 """
@@ -54,7 +54,7 @@ def write_config(folder: Path, zoo_name: str) -> Path:
         "_BASE_": "model.yaml",
         "MODEL": {
             "DEVICE": "cpu",
-            "ROI_HEADS": {"NUM_CLASSES": 3},
+            "ROI_HEADS": {"NUM_CLASSES": 3, "SCORE_THRESH_TEST": 0.001},  # many instances, as SH-SY5Y
             "ANCHOR_GENERATOR": {
                 "SIZES": [[8, 16, 32, 64, 128]] if c4 else [[8], [16], [32], [64], [128]],
                 "ASPECT_RATIOS": [[0.25, 0.5, 1.0, 2.0, 4.0]],
@@ -66,6 +66,18 @@ def write_config(folder: Path, zoo_name: str) -> Path:
     path = folder / "zoo" / "test.yaml"
     path.write_text(yaml.safe_dump(test))
     return path
+
+
+def decisive_heads(model: torch.nn.Module) -> None:
+    """Redraw the objectness and class-score layers with weights ~ 1 / sqrt(fan_in): detectron2's
+    initial ones (std 0.01) give every anchor the same score, and the two implementations would then
+    break the ties differently, so they would not process the same proposals."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("objectness_logits", "cls_score")):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 3.0 / fan_in**0.5)
 
 
 def median_time(fn, runs: int) -> float:
@@ -95,6 +107,7 @@ def bench(arch: str, runs: int) -> None:
         cfg.merge_from_file(str(cfg_path))
         torch.manual_seed(0)
         d2_model = d2_build_model(cfg).eval()
+        decisive_heads(d2_model)
         weights = Path(tmp) / "model_final.pth"
         torch.save({"model": d2_model.state_dict()}, weights)
         model, config, _ = load_detectron2_model(weights, cfg_path, ("shsy5y", "astro", "cort"))
