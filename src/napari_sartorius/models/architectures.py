@@ -161,7 +161,7 @@ def _transform(config: ModelConfig) -> CellTransform:
         pixel_mean=config.pixel_mean,
         pixel_std=config.pixel_std,
         input_format=config.input_format,
-        size_divisible=32,
+        size_divisible=1 if config.is_c4 else 32,  # detectron2 pads only FPN inputs (to the top stride)
     )
 
 
