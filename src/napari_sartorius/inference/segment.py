@@ -22,13 +22,13 @@ variant of each engine is one source carrying that engine's weight.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable, Generator, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from ..instances import Instances
+from ..stopping import stop_requested
 from .ensemble import CONF_TYPES, METHODS, fuse_instances
 from .tiling import (
     DEFAULT_MAX_TILE,
@@ -81,18 +81,8 @@ class SegmentationCancelled(Exception):
     """The user asked to stop; no result is returned."""
 
 
-def _stop_requested(stop) -> bool:
-    if stop is None:
-        return False
-    if isinstance(stop, threading.Event) or hasattr(stop, "is_set"):
-        return bool(stop.is_set())
-    if callable(stop):
-        return bool(stop())
-    raise TypeError(f"stop must be None, a threading.Event or a callable, got {type(stop).__name__}")
-
-
 def _check_stop(stop, step: int, total: int) -> None:
-    if _stop_requested(stop):
+    if stop_requested(stop):
         raise SegmentationCancelled(f"segmentation stopped after {step} of {total} steps")
 
 

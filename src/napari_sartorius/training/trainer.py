@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..device import is_out_of_memory, resolve_device
+from ..stopping import stop_requested
 from . import distributed as dist_utils
 from .augment import AugmentationSettings, TrainTransform
 from .data import TrainingDataset, collate
@@ -600,14 +601,6 @@ def _load_start(model_or_ckpt, class_names: Sequence[str]):
     )
 
 
-def _stop_requested(stop) -> bool:
-    if stop is None:
-        return False
-    if isinstance(stop, threading.Event):
-        return stop.is_set()
-    return bool(stop())
-
-
 def _oom_message(s: TrainSettings, device: torch.device, iteration: int) -> str:
     return (
         f"out of memory on {device} at iteration {iteration + 1} (batch size {s.batch_size}): "
@@ -817,7 +810,7 @@ def train(
     batches = iter(loader)
     try:
         while iteration < s.iters:
-            if dist_utils.any_rank(_stop_requested(stop), ctx):
+            if dist_utils.any_rank(stop_requested(stop), ctx):
                 cancelled = True
                 break
             t0 = time.perf_counter()
