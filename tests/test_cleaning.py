@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -8,7 +6,6 @@ from napari_sartorius.cleaning import CleanReport, clean_annotation_set, clean_a
 from napari_sartorius.instances import Instances
 
 S = (50, 60)
-REAL = Path("/work/shared/data/real")
 
 
 def rect(y0, y1, x0, x1):
@@ -125,10 +122,10 @@ def test_set_reports_add_up_and_summary():
     assert (CleanReport(n_images=1) + CleanReport(n_images=2)).n_images == 3
 
 
-@pytest.mark.skipif(not (REAL / "coco.json").exists(), reason="real data not present")
-def test_real_annotations_come_out_without_overlaps():
-    coco = pytest.importorskip("napari_sartorius.io.coco")
-    aset = coco.read_coco(REAL / "coco.json")
+def test_real_annotations_come_out_without_overlaps(real_data):
+    from napari_sartorius.io import coco
+
+    aset = coco.read_coco(real_data / "coco.json")
     out, rep = clean_annotation_set(aset)
     assert rep.n_images == 3 and rep.n_instances_out <= rep.n_instances_in
     for im in out:

@@ -1,7 +1,6 @@
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from napari_sartorius.metrics import (
     sparse_ious,
 )
 
-REAL = Path("/work/shared/data/real")
 
 
 def rect(shape, y0, y1, x0, x1):
@@ -223,18 +221,6 @@ def test_to_dict_turns_nan_into_none():
     assert res.to_dict(details=True)["per_image"] == {"x": 0.5}
 
 
-def _has_coco_io():
-    try:
-        from napari_sartorius.io.coco import annotation_set_to_coco, annotation_set_to_results  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_coco_io = pytest.mark.skipif(not _has_coco_io(), reason="napari_sartorius.io.coco not there yet")
-
-
-@needs_coco_io
 def test_coco_ap_perfect_and_degraded():
     s = (60, 80)
     r = [(2, 12, 2, 12), (20, 30, 20, 35), (40, 55, 50, 70), (5, 15, 40, 52)]
@@ -254,12 +240,10 @@ def test_coco_ap_perfect_and_degraded():
     assert evaluate(empty, gt).coco_ap["AP"] == 0.0
 
 
-@needs_coco_io
-@pytest.mark.skipif(not (REAL / "coco.json").exists(), reason="real data not present")
-def test_real_ground_truth_against_itself_scores_one():
+def test_real_ground_truth_against_itself_scores_one(real_data):
     from napari_sartorius.io.coco import read_coco
 
-    gt = read_coco(REAL / "coco.json")
+    gt = read_coco(real_data / "coco.json")
     assert len(gt) == 3
     res = evaluate(gt, gt)
     assert res.score == pytest.approx(1.0)

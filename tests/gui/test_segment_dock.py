@@ -154,8 +154,7 @@ def test_segment_with_a_small_checkpoint(qtbot, viewer_and_dock, tmp_path):
 
     guard_torch_import()  # the viewer's OpenGL context is up: see _torch_import's notes
     pytest.importorskip("torch")
-    ckpt_mod = pytest.importorskip("napari_sartorius.models.checkpoint")
-    pytest.importorskip("napari_sartorius.models.predictor")
+    from napari_sartorius.models import checkpoint as ckpt_mod
     import torch
 
     torch.set_num_threads(1)

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from napari_sartorius.annotations import AnnotationSet, ImageAnnotations
 from napari_sartorius.instances import Instances
 from napari_sartorius.io import detect_format, load_annotations, save_annotations
 
-REAL = Path("/work/shared/data/real")
 
 
 def _aset():
@@ -112,12 +110,10 @@ def test_size_disagreeing_with_images(tmp_path, fmt, name):
         load_annotations(out, images_dir=imgs)
 
 
-@pytest.mark.skipif(not (REAL / "coco.json").is_file() or not (REAL / "train.csv").is_file(),
-                    reason="shared real data absent")
-def test_real_coco_and_csv_agree():
-    images = REAL / "images" if (REAL / "images").is_dir() else None
-    coco = load_annotations(REAL / "coco.json", images_dir=images)
-    csv = load_annotations(REAL / "train.csv", images_dir=images)
+def test_real_coco_and_csv_agree(real_data):
+    images = real_data / "images" if (real_data / "images").is_dir() else None
+    coco = load_annotations(real_data / "coco.json", images_dir=images)
+    csv = load_annotations(real_data / "train.csv", images_dir=images)
     assert [im.image_id for im in coco] == [im.image_id for im in csv]
     assert len(coco) == 3 and sum(len(im.instances) for im in coco) == 71
     assert sum(len(im.instances) for im in csv) == 71

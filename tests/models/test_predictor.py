@@ -64,15 +64,17 @@ def test_engine_contract_and_crops(engine):
     assert engine.predict_batch([]) == []
 
 
-def test_batch_equals_single_images_of_the_same_size(engine):
+def test_batch_equals_single_images_of_the_same_size(engine, same_detections):
     # (images of different sizes are zero-padded to a common size in a batch, which changes the
     # features near their borders, as in detectron2)
     gray = _images()[0]
     other = np.ascontiguousarray(gray[::-1])
     batch = engine.predict_batch([gray, other])
     single = engine.predict(other)
-    np.testing.assert_allclose(batch[1].boxes, single.boxes, atol=1e-3)
-    np.testing.assert_allclose(batch[1].scores, single.scores, atol=1e-5)
+    assert len(single) > 0
+    # a batched pass differs by float noise: near-tied random-weight scores may change order
+    same_detections(batch[1].boxes, batch[1].scores, single.boxes, single.scores,
+                    labels_a=batch[1].classes, labels_b=single.classes, box_atol=1e-3, score_atol=1e-5)
 
 
 def _reference_paste(mask, box, size):
@@ -175,7 +177,7 @@ def test_set_test_size_changes_the_network_input(engine, monkeypatch):
         engine.set_test_size(old)
 
 
-def test_cpu_passes_take_cpu_batch_images_with_the_same_results(engine, monkeypatch):
+def test_cpu_passes_take_cpu_batch_images_with_the_same_results(engine, monkeypatch, same_detections):
     img = np.random.default_rng(5).integers(0, 255, (64, 80), dtype=np.uint8)
     passes = []
     run = engine._run
@@ -187,6 +189,7 @@ def test_cpu_passes_take_cpu_batch_images_with_the_same_results(engine, monkeypa
     again = engine.predict_batch([img, img[:, ::-1], img])
     assert passes == [2, 1]
     for a, b in zip(together, again):
-        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
-        assert len(a) == len(b)
+        assert len(a) > 0
+        same_detections(a.boxes, a.scores, b.boxes, b.scores, labels_a=a.classes, labels_b=b.classes,
+                        box_atol=1e-3, score_atol=1e-5)
     engine.cpu_batch = 1

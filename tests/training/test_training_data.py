@@ -1,6 +1,5 @@
 """Training data from memory, COCO JSON and the Kaggle CSV; bad inputs give clear errors."""
 
-import importlib
 import json
 
 import numpy as np
@@ -107,13 +106,6 @@ def _kaggle_rle(mask):
     return " ".join(str(x) for x in runs)
 
 
-needs_io = pytest.mark.skipif(
-    not hasattr(importlib.import_module("napari_sartorius.io"), "load_annotations"),
-    reason="napari_sartorius.io.load_annotations not available yet",
-)
-
-
-@needs_io
 def test_coco_json_with_image_folder(tmp_path):
     from pycocotools import mask as mask_utils
 
@@ -137,7 +129,6 @@ def test_coco_json_with_image_folder(tmp_path):
     np.testing.assert_array_equal(image[0].numpy(), img.astype(np.float32))
 
 
-@needs_io
 def test_kaggle_csv_with_image_folder(tmp_path):
     img, lab = _pair()
     _write_png(tmp_path / "abc.png", img)
@@ -153,7 +144,6 @@ def test_kaggle_csv_with_image_folder(tmp_path):
 
 
 def test_clean_masks_on_request():
-    pytest.importorskip("napari_sartorius.cleaning")
     img, lab = _pair()
     lab[5, 5] = 0  # a hole
     ds = dataset_from_pairs([(img, lab)], "cort", clean=True)
