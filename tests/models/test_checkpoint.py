@@ -53,6 +53,14 @@ def _image():
     return torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3)) * 255
 
 
+def test_checkpoint_has_ordinary_permissions_and_no_temporary_left(saved):
+    _, _, path = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)  # not mkstemp's 0600
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
 def test_round_trip_gives_identical_outputs(saved):
     model, config, path = saved
     loaded, config2 = load_checkpoint(path)

@@ -23,10 +23,8 @@ torchvision's settings (see :func:`torchvision_config`).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from ..cell_types import DEFAULT_CLASSES
+from ..io.atomic import atomic_path
 from .config import TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB, ModelConfig, check_arch
 
 __all__ = [
@@ -82,19 +81,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:  # ordinary permissions (0666 minus the umask), never a half-written file
+        torch.save(payload, tmp)
     return path
 
 
