@@ -141,8 +141,8 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "truncated or not a PyTorch checkpoint"),
-        (b"hello world\n", "truncated or not a PyTorch checkpoint"),
+        (b"", "not a checkpoint: .*bad.pt is empty"),
+        (b"hello world\n", "not a checkpoint: .*bad.pt is a text file starting 'hello world'"),
     ],
 )
 def test_corrupt_files_are_named(tmp_path, content, message):

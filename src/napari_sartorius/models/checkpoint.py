@@ -36,12 +36,14 @@ from torch import nn
 
 from ..cell_types import DEFAULT_CLASSES
 from ..io.atomic import atomic_path
+from .checkpoint_file import CheckpointError, check_checkpoint_file
 from .config import TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB, ModelConfig, check_arch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "check_checkpoint_file",
     "LoadReport",
     "save_checkpoint",
     "load_checkpoint",
@@ -53,10 +55,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "napari-sartorius-maskrcnn"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the file and what to do."""
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -88,8 +86,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
 
 # -- reading ---------------------------------------------------------------------------------------
 def _torch_load(path: Path, map_location) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    check_checkpoint_file(path)  # a text file, a plain pickle, ...: one line saying what it is
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
