@@ -197,10 +197,13 @@ def test_evaluate_per_class_and_missing():
     assert res.score == pytest.approx(0.5)
     assert res.missing == ["c"] and res.extra == ["zz"] and res.n_images == 3
     d = res.to_dict()
-    assert set(d) == {"score", "per_class", "coco_ap", "n_images"}
+    assert set(d) == {"score", "per_class", "coco_ap", "n_images", "notes"}
+    assert d["notes"] == ["1 image(s) without predictions (scored 0): c",
+                          "1 predicted image(s) without ground truth ignored: zz"]
     json.dumps(d)
     text = res.format()
-    assert "0.5000" in text and "cort" in text and "without predictions" in text
+    assert "0.5000" in text and "cort" in text and all(note in text for note in d["notes"])
+    assert evaluate(gt, gt, coco=False).to_dict()["notes"] == []
 
 
 def test_evaluate_errors():

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
@@ -21,10 +23,6 @@ DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
 #: Exit statuses: 1 for a failed job, 2 for bad usage or bad input (argparse uses 2 as well).
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -58,6 +56,7 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 
 def build_engines(models: Sequence[str], device: str, cell_type: str | None):
     """Engines for ``--model`` values: ``classical`` or checkpoint paths."""
+    check_model_files(models)  # a text file or a pickle: one line before any torch import
     engines = []
     for m in models or ["classical"]:
         if m == "classical":
@@ -148,13 +147,15 @@ def cmd_demo(args) -> int:
     from .metrics import evaluate
     from .synthetic import make_sample
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     sample = make_sample(args.style, seed=args.seed)
     image_path = out / "image.png"
-    from skimage.io import imsave
+    from PIL import Image
 
-    imsave(image_path, sample.image, check_contrast=False)
+    from .io.atomic import atomic_path
+
+    with atomic_path(image_path) as tmp:
+        Image.fromarray(sample.image).save(tmp, format="PNG")
     _progress(f"synthetic {args.style} sample (seed {args.seed}): {sample.image.shape[0]}x{sample.image.shape[1]} px, "
               f"{int(sample.labels.max())} cells -> {image_path}")
     engines = build_engines(["classical"], "cpu", None)
@@ -184,8 +185,7 @@ def cmd_segment(args) -> int:
 
     args.cell_type = check_cell_type(args.cell_type)
     images = collect_images(args.inputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     device = _resolve_device_name(args.device)
     engines = build_engines(args.model, device, args.cell_type)
     _progress(f"{len(images)} image(s), {len(engines)} model(s) [{', '.join(e.name for e in engines)}], "
@@ -205,11 +205,13 @@ def _resolve_device_name(name: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from .io import load_annotations
+    from .io import detect_format, load_annotations
     from .metrics import evaluate
 
     gt = load_annotations(args.gt)
     pred = load_annotations(args.pred, class_names=gt.class_names)
+    if detect_format(Path(args.pred)) == "labels":
+        check_label_predictions(pred, args.pred)
     result = evaluate(pred, gt)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -275,8 +277,7 @@ def cmd_train(args) -> int:
     if args.folds is not None and args.val:
         raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
     if args.base:
-        if not Path(args.base).is_file():
-            raise CLIError(f"--base {args.base}: no such checkpoint file")
+        check_model_files([args.base], "--base")
         from .models.checkpoint import read_checkpoint
 
         base_arch = read_checkpoint(args.base)[1].arch
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation (default none)")
     s.add_argument("--ensemble", default="wbf", choices=("nms", "soft_nms", "nmw", "wbf", "mask_nms"),
                    help="how models and TTA variants are fused (default wbf)")
-    s.add_argument("--iou", type=float, default=0.5, help="IoU threshold of the fusion (default 0.5)")
+    s.add_argument("--iou", type=unit_interval, default=0.5, help="IoU threshold of the fusion, in (0, 1] (default 0.5)")
     s.add_argument("--cell-type", default="auto", help="auto (majority predicted class) or shsy5y, astro, cort")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
     s.add_argument("--raw", action="store_true",
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="competition score (overall, per cell type) and COCO mask AP")
     e.add_argument("--pred", required=True, help="predictions: COCO JSON, Kaggle CSV or folder of label images")
     e.add_argument("--gt", required=True, help="ground truth: COCO JSON, Kaggle CSV or folder of label images")
-    e.add_argument("--json", action="store_true", help="print one JSON object: score, per_class, coco_ap, n_images")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object: score, per_class, coco_ap, n_images, notes")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("convert", help="convert annotations between COCO JSON, Kaggle CSV and label images")

@@ -297,9 +297,23 @@ class EvaluationResult:
     extra: list[str] = field(default_factory=list)
     image_types: dict[str, str | None] = field(default_factory=dict)
 
+    @property
+    def notes(self) -> list[str]:
+        """One line per thing the scores alone do not say (images without predictions, predictions
+        without ground truth); empty when there is nothing to say."""
+        notes = []
+        if self.missing:
+            shown = ", ".join(self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
+            notes.append(f"{len(self.missing)} image(s) without predictions (scored 0): {shown}")
+        if self.extra:
+            shown = ", ".join(self.extra[:5]) + (" ..." if len(self.extra) > 5 else "")
+            notes.append(f"{len(self.extra)} predicted image(s) without ground truth ignored: {shown}")
+        return notes
+
     def to_dict(self, details: bool = False) -> dict:
-        """JSON-ready dict with keys ``score``, ``per_class``, ``coco_ap``, ``n_images`` (the CLI's
-        ``--json`` contract); NaN becomes None. ``details`` adds ``per_image``, ``missing``, ``extra``."""
+        """JSON-ready dict with keys ``score``, ``per_class``, ``coco_ap``, ``n_images``, ``notes``
+        (the CLI's ``--json`` contract; ``notes`` is a list of lines, see :attr:`notes`); NaN becomes
+        None. ``details`` adds ``per_image``, ``missing``, ``extra``."""
 
         def clean(v):
             return None if isinstance(v, float) and math.isnan(v) else v
@@ -309,6 +323,7 @@ class EvaluationResult:
             "per_class": {k: clean(float(v)) for k, v in self.per_class.items()},
             "coco_ap": {k: clean(float(v)) for k, v in self.coco_ap.items()},
             "n_images": int(self.n_images),
+            "notes": self.notes,
         }
         if details:
             out["per_image"] = {k: clean(float(v)) for k, v in self.per_image.items()}
@@ -327,11 +342,7 @@ class EvaluationResult:
             if key in self.coco_ap:
                 v = self.coco_ap[key]
                 lines.append(f"{'COCO mask ' + key:<22}{'n/a' if math.isnan(v) else f'{v:.4f}':>8}")
-        if self.missing:
-            shown = ", ".join(self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
-            lines.append(f"{len(self.missing)} image(s) without predictions (scored 0): {shown}")
-        if self.extra:
-            lines.append(f"{len(self.extra)} predicted image(s) without ground truth ignored")
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
