@@ -542,7 +542,8 @@ def _run_share(images, engines, out, settings, group, resume, workers, say, tag)
     todo = [p for p in mine if p.name not in done]
     result.skipped = len(mine) - len(todo)
     skip = f", {result.skipped} already done" if result.skipped else ""
-    say(f"{tag}{len(mine)} of {len(images)} image(s) in this share{skip}")
+    if group.world > 1 or result.skipped:
+        say(f"{tag}{len(mine)} of {len(images)} image(s) in this share{skip}")
     part = _part_path(out, group.rank)
     failures = _failure_path(out, group.rank)
     _truncate_partial_tail(part)
