@@ -181,20 +181,41 @@ class _DemoArgs:
 
 
 def cmd_segment(args) -> int:
+    """Folder inference (:mod:`.inference.folder_run`): streamed, resumable, sharded by rank under torchrun."""
     from .cell_types import check_cell_type
+    from .inference.folder_run import PREDICTIONS, FolderSettings, SoloGroup, TorchGroup, segment_folder
+    from .training import distributed
 
     args.cell_type = check_cell_type(args.cell_type)
     images = collect_images(args.inputs)
     out = output_folder(args.out)
-    device = _resolve_device_name(args.device)
-    engines = build_engines(args.model, device, args.cell_type)
-    _progress(f"{len(images)} image(s), {len(engines)} model(s) [{', '.join(e.name for e in engines)}], "
-              f"TTA {args.tta}, ensemble {args.ensemble}, device {device}")
-    preds = _segment_files(images, engines, args)
-    pred_path = _write_predictions(preds, out)
-    n = sum(len(im.instances) for im in preds)
+    ctx = distributed.init_from_env(args.device)  # None unless launched by torchrun with several ranks
+    try:
+        device = str(ctx.device) if ctx is not None else _resolve_device_name(args.device)
+        group = TorchGroup(ctx.device) if ctx is not None else SoloGroup()
+        say = _progress if group.rank == 0 else (lambda line: print(line, file=sys.stderr, flush=True))
+        weights = _parse_weights(getattr(args, "weights", None), len(args.model or ["classical"]))
+        engines = build_engines(args.model, device, args.cell_type)
+        workers = args.workers if args.workers is not None else (2 if device.startswith("cuda") else 0)
+        if group.rank == 0:
+            ranks = f", {group.world} ranks" if group.world > 1 else ""
+            say(f"{len(images)} image(s), {len(engines)} model(s) [{', '.join(e.name for e in engines)}], "
+                f"TTA {args.tta}, ensemble {args.ensemble}, device {device}{ranks}")
+        settings = FolderSettings(tta=args.tta, ensemble=args.ensemble, iou=args.iou,
+                                  weights=None if weights is None else tuple(weights),
+                                  cell_type=args.cell_type, raw=args.raw)
+        result = segment_folder(images, engines, out, settings, group=group, resume=args.resume,
+                                workers=workers, say=say)
+    finally:
+        distributed.cleanup()
+    if group.rank != 0:
+        return EXIT_FAILED if result.failed else 0
     what = "raw predictions" if args.raw else "label images and predictions"
-    print(f"wrote {what} for {len(images)} image(s), {n} cells, to {out} ({pred_path.name})")
+    print(f"wrote {what} for {result.merged_images} image(s), {result.merged_cells} cells, to {out} ({PREDICTIONS})")
+    if result.failures_total:
+        _progress(f"{result.failures_total} image(s) could not be segmented, listed in {out / 'failures.txt'}; "
+                  "fix or remove them and run again with --resume")
+        return EXIT_FAILED
     return 0
 
 
@@ -396,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true",
                    help="write every instance above the model's score threshold with its score, overlaps kept, "
                    "no post-processing (for COCO-style evaluation); no label images")
+    s.add_argument("--resume", action="store_true",
+                   help="skip the images an earlier (stopped) run into --out finished")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="processes decoding images ahead of the models (default 2 on a GPU, 0 on the CPU)")
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("evaluate", help="competition score (overall, per cell type) and COCO mask AP")

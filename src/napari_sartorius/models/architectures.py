@@ -48,7 +48,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from .anchor_matching import ChunkedMatchRPN
 from .anchors import CellAnchorGenerator
 from .backbones import C4_STRIDE, FPN_STRIDES, build_c4_backbone, build_fpn_backbone, group_norm
 from .c4 import Res5RoIHeads
@@ -57,6 +56,7 @@ from .config import ARCH_NAMES, ModelConfig, check_arch
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
 from .pooler import RoIPooler
+from .rpn import LogitRankedRPN
 from .transform import CellTransform
 
 __all__ = [
@@ -168,7 +168,7 @@ def _transform(config: ModelConfig) -> CellTransform:
 def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwork:
     anchors = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, strides, round_anchors=config.round_anchors)
     head = Float32RPNHead(in_channels, anchors.num_anchors_per_location()[0])
-    return ChunkedMatchRPN(
+    return LogitRankedRPN(  # proposals ranked by logit, as detectron2 (see .rpn)
         anchors,
         head,
         fg_iou_thresh=config.rpn_fg_iou_thresh,
