@@ -88,6 +88,12 @@ class RenderedReview:
         return True
 
 
+def _camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def _frame(features) -> "object":
     import pandas as pd
 
@@ -237,14 +243,12 @@ class ReviewPanel(Container):
         viewer = self._viewer
         nd = data.ndim
         if nd > 2:  # move the sliders to the cell's plane
-            step = list(viewer.dims.current_step)
             for ax in range(nd - 2):
-                world_ax = viewer.dims.ndim - nd + ax
-                viewer.dims.set_point(world_ax, centre[ax])
-            del step
-        viewer.camera.center = tuple(centre[-2:])
+                viewer.dims.set_point(viewer.dims.ndim - nd + ax, centre[ax])
+        camera = _camera(viewer)
+        camera.center = tuple(centre[-2:])
         extent = float(max(hi[-1] - lo[-1], hi[-2] - lo[-2], 8.0)) * float(max(abs(layer.scale[-1]), 1e-9))
-        viewer.camera.zoom = float(np.clip(100.0 / extent, 0.5, 20.0))
+        camera.zoom = float(np.clip(100.0 / extent, 0.5, 20.0))
         layer.selected_label = int(label)
         viewer.layers.selection.active = layer
 
