@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .commands.pretrained import resolve_model_arg
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
@@ -65,9 +67,10 @@ def build_engines(models: Sequence[str], device: str, cell_type: str | None):
 
             engines.append(ClassicalEngine(ClassicalSettings(cell_type=cell_type)))
             continue
-        path = Path(m)
+        path = Path(resolve_model_arg(m))
         if not path.is_file():
-            raise CLIError(f"--model {m}: no such checkpoint file (or use --model classical)")
+            raise CLIError(f"--model {m}: no such checkpoint file or pretrained name (see `napari-sartorius "
+                           "pretrained list`; or use --model classical)")
         from .models.predictor import MaskRCNNEngine
 
         engines.append(MaskRCNNEngine.from_checkpoint(path, device=device))
@@ -248,7 +251,8 @@ def cmd_init_model(args) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     if not classes:
         raise CLIError("--classes: give at least one class name")
-    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=args.imagenet)
+    imagenet = resolve_model_arg(args.imagenet, kinds=("imagenet",))
+    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=imagenet)
     print(f"wrote {path} ({args.arch}, classes {', '.join(classes)})")
     return 0
 
@@ -274,6 +278,7 @@ def cmd_train(args) -> int:
         raise CLIError("--size must be at least 32 px")
     if args.folds is not None and args.val:
         raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
+    args.base = resolve_model_arg(args.base)
     if args.base:
         if not Path(args.base).is_file():
             raise CLIError(f"--base {args.base}: no such checkpoint file")
@@ -382,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     s.add_argument("--out", required=True, help="output folder: <stem>_labels.tif and predictions.json")
     s.add_argument("--model", action="append", metavar="CKPT",
-                   help="checkpoint file, or 'classical' for the weight-free engine; repeat for an ensemble "
+                   help="checkpoint file, pretrained name (`pretrained list`), or 'classical' for the weight-free engine; "
+                   "repeat for an ensemble "
                    "(default: classical)")
     s.add_argument("--weights", help="comma-separated ensemble weight per --model (default: equal)")
     s.add_argument("--tta", default="none", choices=("none", "flips", "flips+rot90", "multiscale"),
@@ -417,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("arch", help="architecture (see `napari-sartorius models`)")
     i.add_argument("--out", required=True, help="checkpoint file to write")
     i.add_argument("--classes", default="shsy5y,astro,cort", help="comma-separated class names")
-    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights file you have on disk")
+    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights: a file, or a pretrained name such as imagenet-r50")
     i.set_defaults(func=cmd_init_model)
 
     x = sub.add_parser("import-detectron2", help="turn a detectron2 checkpoint (.pth/.pkl) into this project's format")
@@ -431,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")
     t.add_argument("--images", help="folder of the training images (default: beside SRC or its images/ folder)")
     t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
-    t.add_argument("--base", help="starting checkpoint (e.g. LIVECell-pretrained, imported from detectron2)")
+    t.add_argument("--base", help="starting checkpoint, or a pretrained name such as livecell-shsy5y (`pretrained list`)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--val", help="validation annotations (COCO JSON or Kaggle CSV)")
@@ -445,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clean-masks", action="store_true", help="fill holes, drop fragments and resolve overlaps first")
     t.add_argument("--resume", action="store_true", help="continue from --out if it holds a stopped run")
     t.set_defaults(func=cmd_train)
+
+    from .commands import pretrained as pretrained_command
+
+    pretrained_command.add_parser(sub)
     return p
 
 
