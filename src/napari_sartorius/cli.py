@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
+from .commands.pretrained import resolve_model_arg
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -56,9 +57,10 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 
 def build_engines(models: Sequence[str], device: str, cell_type: str | None):
     """Engines for ``--model`` values: ``classical`` or checkpoint paths."""
+    models = [resolve_model_arg(m) for m in models or ["classical"]]  # registry names -> cached files
     check_model_files(models)  # a text file or a pickle: one line before any torch import
     engines = []
-    for m in models or ["classical"]:
+    for m in models:
         if m == "classical":
             from .classical import ClassicalEngine, ClassicalSettings
 
@@ -66,7 +68,8 @@ def build_engines(models: Sequence[str], device: str, cell_type: str | None):
             continue
         path = Path(m)
         if not path.is_file():
-            raise CLIError(f"--model {m}: no such checkpoint file (or use --model classical)")
+            raise CLIError(f"--model {m}: no such checkpoint file or pretrained name (see `napari-sartorius "
+                           "pretrained list`; or use --model classical)")
         from .models.predictor import MaskRCNNEngine
 
         engines.append(MaskRCNNEngine.from_checkpoint(path, device=device))
@@ -271,7 +274,8 @@ def cmd_init_model(args) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     if not classes:
         raise CLIError("--classes: give at least one class name")
-    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=args.imagenet)
+    imagenet = resolve_model_arg(args.imagenet, kinds=("imagenet",))
+    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=imagenet)
     print(f"wrote {path} ({args.arch}, classes {', '.join(classes)})")
     return 0
 
@@ -297,6 +301,7 @@ def cmd_train(args) -> int:
         raise CLIError("--size must be at least 32 px")
     if args.folds is not None and args.val:
         raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
+    args.base = resolve_model_arg(args.base)
     if args.base:
         check_model_files([args.base], "--base")
         from .models.checkpoint import read_checkpoint
@@ -404,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     s.add_argument("--out", required=True, help="output folder: <stem>_labels.tif and predictions.json")
     s.add_argument("--model", action="append", metavar="CKPT",
-                   help="checkpoint file, or 'classical' for the weight-free engine; repeat for an ensemble "
+                   help="checkpoint file, pretrained name (`pretrained list`), or 'classical' for the weight-free engine; "
+                   "repeat for an ensemble "
                    "(default: classical)")
     s.add_argument("--weights", help="comma-separated ensemble weight per --model (default: equal)")
     s.add_argument("--tta", default="none", choices=("none", "flips", "flips+rot90", "multiscale"),
@@ -444,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("arch", help="architecture (see `napari-sartorius models`)")
     i.add_argument("--out", required=True, help="checkpoint file to write")
     i.add_argument("--classes", default="shsy5y,astro,cort", help="comma-separated class names")
-    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights file you have on disk")
+    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights: a file, or a pretrained name such as imagenet-r50")
     i.set_defaults(func=cmd_init_model)
 
     x = sub.add_parser("import-detectron2", help="turn a detectron2 checkpoint (.pth/.pkl) into this project's format")
@@ -458,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")
     t.add_argument("--images", help="folder of the training images (default: beside SRC or its images/ folder)")
     t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
-    t.add_argument("--base", help="starting checkpoint (e.g. LIVECell-pretrained, imported from detectron2)")
+    t.add_argument("--base", help="starting checkpoint, or a pretrained name such as livecell-shsy5y (`pretrained list`)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--val", help="validation annotations (COCO JSON or Kaggle CSV)")
@@ -472,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clean-masks", action="store_true", help="fill holes, drop fragments and resolve overlaps first")
     t.add_argument("--resume", action="store_true", help="continue from --out if it holds a stopped run")
     t.set_defaults(func=cmd_train)
+
+    from .commands import pretrained as pretrained_command
+
+    pretrained_command.add_parser(sub)
     return p
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..device import is_out_of_memory, resolve_device
+from ..models.class_surgery import inherit_single_class
 from ..stopping import stop_requested
 from . import distributed as dist_utils
 from .augment import AugmentationSettings, TrainTransform
@@ -709,7 +710,9 @@ def train(
         state = None  # weights only: a new run
 
     old_names = tuple(config.class_names)
-    model, config, adapt_msg = adapt_num_classes(model, config, train_data.class_names)
+    # a one-class (LIVECell "cell") model starts every new class from its class; others: adapt_num_classes
+    inherited = inherit_single_class(model, config, train_data.class_names)
+    model, config, adapt_msg = inherited or adapt_num_classes(model, config, train_data.class_names)
     if adapt_msg:
         if state is not None:
             raise TrainingError(
