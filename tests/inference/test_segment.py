@@ -174,3 +174,38 @@ def test_engine_returning_the_wrong_number_of_results_is_reported(fakes):
 
     with pytest.raises(ValueError, match="returned 1 results for 4 images"):
         run_to_completion(segment_image(fakes.blob_image((30, 30), n=1), [Broken(name="broken")], tta="flips"))
+
+
+class _Broken:
+    name = "broken"
+    class_names = ("shsy5y", "astro", "cort")
+
+    def predict_batch(self, images):
+        raise IndexError("pop from empty list")
+
+
+def test_a_failing_member_never_costs_the_others_result(fakes):
+    good = fakes.BlobEngine(name="good")
+    img = fakes.blob_image((60, 80), n=5)
+    broken = _Broken()
+    broken.class_names = tuple(good.class_names)
+    result, progress = drive(segment_image(img, [broken, good], tta="flips"))
+    warnings = [p.warning for p in progress if p.warning]
+    assert warnings == ["model 1/2 (broken) failed and was left out: pop from empty list"]
+    assert progress[-1].failed == ("broken",) and progress[-1].step == progress[-1].total
+    alone, _ = drive(segment_image(img, [good], tta="flips"))
+    fakes.assert_same_instances(result, alone)  # as if only the good model had been asked
+    # two engines without TTA, one failing: the other's raw result is passed through unfused
+    result, progress = drive(segment_image(img, [good, broken]))
+    fakes.assert_same_instances(result, good.predict_one(img))
+    assert progress[-1].step == progress[-1].total and progress[-1].failed == ("broken",)
+
+
+def test_when_every_member_fails_the_first_error_propagates(fakes):
+    img = fakes.blob_image((40, 40), n=2)
+    a, b = _Broken(), _Broken()
+    b.name = "also broken"
+    with pytest.raises(IndexError, match="pop from empty list"):
+        drive(segment_image(img, [a, b]))
+    with pytest.raises(IndexError):
+        drive(segment_image(img, [a]))

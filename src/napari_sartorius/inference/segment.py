@@ -18,6 +18,11 @@ can tell a cancel from a failure with ``isinstance(exc, SegmentationCancelled)``
 A single engine without TTA is passed through: its raw output (tiles merged) is returned unfused.
 Every other case is fused with :func:`~napari_sartorius.inference.ensemble.fuse_instances`; each TTA
 variant of each engine is one source carrying that engine's weight.
+
+A failing member never costs the others' result: when one engine of several raises, it is left out,
+the next progress carries a ``warning`` naming it and its error (and ``failed`` lists it), and the
+others are fused as if it had not been asked. Only when every engine fails does the first error
+propagate (as it does for a single engine).
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ class SegmentProgress:
         message: what was just done, e.g. ``"model 2/3 (R50), flips"``.
         plane: 0-based plane index for :func:`segment_stack`, else None.
         warning: a message for the user when something changed on the way (e.g. the GPU ran out of
-            memory and the job continues on the CPU), else None.
+            memory and the job continues on the CPU, or a model failed and was left out), else None.
+        failed: names of the models that failed so far and were left out of the result.
     """
 
     step: int
@@ -71,6 +77,7 @@ class SegmentProgress:
     message: str
     plane: int | None = None
     warning: str | None = None
+    failed: tuple[str, ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -226,32 +233,54 @@ def segment_image(
     sources: list[Instances] = []
     source_weights: list[float] = []
     notes: list[str] = []
+    failed: list[str] = []
+    first_error: Exception | None = None
+    calls_per_engine = (total - int(fuse)) // len(engines)
     step = 0
     for e_idx, engine in enumerate(engines):
         name = getattr(engine, "name", type(engine).__name__)
         per_variant: list[list[Instances | None]] = [[None] * len(tiles) for _ in transforms]
-        for t_idx, tile in enumerate(tiles):
-            batches = tta_batches(image[tile.slices], tta, scales)
-            for b_idx, batch in enumerate(batches):
-                _check_stop(stop, step, total)
-                where = f"model {e_idx + 1}/{len(engines)} ({name}), {tta}"
-                if len(tiles) > 1:
-                    where += f", tile {t_idx + 1}/{len(tiles)}"
-                if len(batches) > 1:
-                    where += f", batch {b_idx + 1}/{len(batches)}"
-                preds = _predict(engine, batch.images, notes, f"while running {where}")
-                for v, inst in zip(batch.indices, invert_batch(batch, preds, tile.shape)):
-                    inst = _remap(inst, maps[e_idx])
+        start = step
+        try:
+            for t_idx, tile in enumerate(tiles):
+                batches = tta_batches(image[tile.slices], tta, scales)
+                for b_idx, batch in enumerate(batches):
+                    _check_stop(stop, step, total)
+                    where = f"model {e_idx + 1}/{len(engines)} ({name}), {tta}"
                     if len(tiles) > 1:
-                        inst = shift_instances(inst, tile.y0, tile.x0, size)
-                    per_variant[v][t_idx] = inst
-                step += 1
-                yield SegmentProgress(step, total, where, plane, notes.pop(0) if notes else None)
+                        where += f", tile {t_idx + 1}/{len(tiles)}"
+                    if len(batches) > 1:
+                        where += f", batch {b_idx + 1}/{len(batches)}"
+                    preds = _predict(engine, batch.images, notes, f"while running {where}")
+                    for v, inst in zip(batch.indices, invert_batch(batch, preds, tile.shape)):
+                        inst = _remap(inst, maps[e_idx])
+                        if len(tiles) > 1:
+                            inst = shift_instances(inst, tile.y0, tile.x0, size)
+                        per_variant[v][t_idx] = inst
+                    step += 1
+                    yield SegmentProgress(step, total, where, plane, notes.pop(0) if notes else None, tuple(failed))
+        except SegmentationCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one member's failure is reported, the others go on
+            if len(engines) == 1:
+                raise
+            first_error = first_error or exc
+            failed.append(name)
+            step = start + calls_per_engine
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = f"model {e_idx + 1}/{len(engines)} ({name}) failed and was left out: {reason}"
+            yield SegmentProgress(step, total, message, plane, message, tuple(failed))
+            continue
         for parts in per_variant:
             sources.append(merge_tiles(parts, tiles, size) if len(tiles) > 1 else parts[0])
             source_weights.append(float(w[e_idx]))
 
-    if not fuse:
+    if not sources:  # every member failed
+        raise first_error
+    if len(sources) == 1:  # a single source left (one engine, no TTA): passed through as it is
+        if fuse:
+            message = f"one model left ({', '.join(failed)} failed): its result is used unfused"
+            yield SegmentProgress(total, total, message, plane, notes.pop(0) if notes else None, tuple(failed))
         return sources[0]
     _check_stop(stop, step, total)
     n_cand = sum(len(s) for s in sources)
@@ -266,7 +295,7 @@ def segment_image(
     )
     step += 1
     message = f"fused {n_cand} candidates from {len(sources)} sources into {len(fused)} instances ({ensemble})"
-    yield SegmentProgress(step, total, message, plane, notes.pop(0) if notes else None)
+    yield SegmentProgress(step, total, message, plane, notes.pop(0) if notes else None, tuple(failed))
     return fused
 
 
@@ -304,6 +333,7 @@ def segment_stack(
                 f"plane {z + 1}/{len(images)}: {p.message}",
                 z,
                 p.warning,
+                p.failed,
             )
     return results
 
