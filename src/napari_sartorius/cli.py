@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
+from .device import DEVICE_CHOICES
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how models and TTA variants are fused (default wbf)")
     s.add_argument("--iou", type=unit_interval, default=0.5, help="IoU threshold of the fusion, in (0, 1] (default 0.5)")
     s.add_argument("--cell-type", default="auto", help="auto (majority predicted class) or shsy5y, astro, cort")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
+    s.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default auto")
     s.add_argument("--raw", action="store_true",
                    help="write every instance above the model's score threshold with its score, overlaps kept, "
                    "no post-processing (for COCO-style evaluation); no label images")
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--val", help="validation annotations (COCO JSON or Kaggle CSV)")
     t.add_argument("--folds", type=int, help="K-fold cross-validation, stratified by cell type")
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     t.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     t.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
     t.add_argument("--size", type=int,

@@ -54,7 +54,7 @@ __all__ = ["SegmentCellsWidget", "TTA_CHOICES", "ENSEMBLE_CHOICES", "DEVICE_CHOI
 
 TTA_CHOICES = ("none", "flips", "flips+rot90", "multiscale")
 ENSEMBLE_CHOICES = ("wbf", "nms", "soft_nms", "nmw", "mask_nms")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from ..device import DEVICE_CHOICES  # noqa: E402 - one list for the CLI and both docks (mps included)
 #: Slider moves are coalesced: a render starts this long after the last change (ms).
 RENDER_DELAY_MS = 30
 #: Tooltip of the mask controls while they cannot change anything (only the weight-free engine ran).
