@@ -34,6 +34,7 @@ import numpy as np
 
 from ..instances import Instances
 from ..stopping import stop_requested
+from .engine import MovableEngine, check_engine, engine_name
 from .ensemble import CONF_TYPES, METHODS, fuse_instances
 from .tiling import (
     DEFAULT_MAX_TILE,
@@ -104,8 +105,8 @@ def _class_maps(engines: Sequence) -> list[np.ndarray | None]:
             continue
         if sorted(names) != sorted(names0) or len(set(names)) != len(names):
             raise ValueError(
-                f"the models disagree on their classes: {getattr(engines[0], 'name', 'model 1')!r} has "
-                f"{list(names0)}, {getattr(e, 'name', '?')!r} has {list(names)}; ensemble only models "
+                f"the models disagree on their classes: {engine_name(engines[0])!r} has "
+                f"{list(names0)}, {engine_name(e)!r} has {list(names)}; ensemble only models "
                 "trained on the same cell types"
             )
         maps.append(np.array([names0.index(n) for n in names], np.int64))
@@ -121,9 +122,9 @@ def _remap(inst: Instances, mapping: np.ndarray | None) -> Instances:
 def _predict(engine, images, notes: list[str], what: str) -> list[Instances]:
     """``predict_batch``, with the CPU fallback on GPU out-of-memory for engines that can move
     (a ``device`` attribute and a ``to(device)`` method)."""
-    device = getattr(engine, "device", None)
-    if device is None or not callable(getattr(engine, "to", None)):
+    if not isinstance(engine, MovableEngine) or engine.device is None:
         return predict_checked(engine, images)
+    device = engine.device
     import torch
 
     from ..device import run_with_oom_fallback
@@ -215,8 +216,7 @@ def segment_image(
     if not engines:
         raise ValueError("segment_image needs at least one engine (model)")
     for e in engines:
-        if not callable(getattr(e, "predict_batch", None)) or not hasattr(e, "class_names"):
-            raise ValueError(f"{e!r} is not an engine: it needs class_names and predict_batch(images)")
+        check_engine(e)
     w = np.ones(len(engines)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
     if len(w) != len(engines) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"need one positive weight per model: {len(engines)} models, weights {list(w)}")
@@ -238,7 +238,7 @@ def segment_image(
     calls_per_engine = (total - int(fuse)) // len(engines)
     step = 0
     for e_idx, engine in enumerate(engines):
-        name = getattr(engine, "name", type(engine).__name__)
+        name = engine_name(engine)
         per_variant: list[list[Instances | None]] = [[None] * len(tiles) for _ in transforms]
         start = step
         try:
