@@ -36,7 +36,7 @@ def test_the_job_is_lazy_and_reports_every_engine_and_tta_group(fakes):
     assert all(e.batch_sizes == [] for e in engines)  # nothing runs before iteration
     result, progress = drive(gen)
     assert [p.step for p in progress] == list(range(1, 8))
-    assert {p.total for p in progress} == {7} == {count_steps(img.shape, 3, "flips+rot90")}
+    assert {p.total for p in progress} == {7} == {count_steps(img.shape, 3, tta="flips+rot90")}
     assert progress[2].message == "model 2/3 (m1), flips+rot90, batch 1/2"
     assert progress[-1].message.startswith("fused ") and "24 sources" in progress[-1].message
     assert all(e.batch_sizes == [4, 4] for e in engines)
@@ -199,6 +199,14 @@ def test_a_failing_member_never_costs_the_others_result(fakes):
     result, progress = drive(segment_image(img, [good, broken]))
     fakes.assert_same_instances(result, good.predict_one(img))
     assert progress[-1].step == progress[-1].total and progress[-1].failed == ("broken",)
+
+
+def test_options_are_keyword_only(fakes):
+    img = fakes.blob_image((20, 20), n=1)
+    with pytest.raises(TypeError):
+        segment_image(img, [fakes.BlobEngine()], [1.0])
+    with pytest.raises(TypeError):
+        count_steps(img.shape, 1, "flips")
 
 
 def test_when_every_member_fails_the_first_error_propagates(fakes):

@@ -154,6 +154,7 @@ def _n_groups(shape: tuple[int, int], transforms) -> int:
 def count_steps(
     image_shape: tuple[int, ...],
     n_engines: int,
+    *,
     tta: str = "none",
     scales: Sequence[float] | None = None,
     max_tile: int | None = DEFAULT_MAX_TILE,
@@ -170,6 +171,7 @@ def count_steps(
 def segment_image(
     image: np.ndarray,
     engines: Sequence,
+    *,
     weights: Sequence[float] | None = None,
     tta: str = "none",
     ensemble: str = "wbf",
@@ -184,6 +186,8 @@ def segment_image(
     plane: int | None = None,
 ) -> Generator[SegmentProgress, None, Instances]:
     """Segment one image with an ensemble of engines and TTA; a generator (see the module docstring).
+
+    Every argument after ``engines`` is keyword-only.
 
     Args:
         image: (H, W) grayscale or (H, W, 3) RGB, uint8 or float in 0..255.
@@ -227,7 +231,7 @@ def segment_image(
     transforms = tta_transforms(tta, scales)
     maps = _class_maps(engines)
     tiles = _tiles(size, max_tile, tile_overlap)
-    total = count_steps(size, len(engines), tta, scales, max_tile, tile_overlap)
+    total = count_steps(size, len(engines), tta=tta, scales=scales, max_tile=max_tile, tile_overlap=tile_overlap)
     fuse = not (len(engines) == 1 and len(transforms) == 1)
 
     sources: list[Instances] = []
