@@ -332,15 +332,16 @@ def _train(args, start, data, val, settings, say, main_process) -> int:
 
 
 def _drain(gen, describe, say):
-    """Run a progress generator to its end, saying every 20th update (and messages)."""
-    while True:
-        try:
-            item = next(gen)
-        except StopIteration as done:
-            return done.value
+    """Run a job generator to its end (:func:`~napari_sartorius.jobs.run_job`), saying the lines
+    ``describe`` gives (it returns None for the updates not worth a line)."""
+    from .jobs import run_job
+
+    def relay_line(item) -> None:
         line = describe(item)
         if line:
             say(line)
+
+    return run_job(gen, relay_line)
 
 
 def _train_line(p) -> str | None:

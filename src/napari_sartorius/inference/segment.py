@@ -33,6 +33,7 @@ from typing import Callable, Generator, Iterator, Sequence, TypeVar
 import numpy as np
 
 from ..instances import Instances
+from ..jobs import relay, run_job
 from ..stopping import stop_requested
 from .engine import MovableEngine, check_engine, engine_name
 from .ensemble import CONF_TYPES, METHODS, fuse_instances
@@ -324,21 +325,12 @@ def segment_stack(
     total = per_plane * len(images)
     results: list[Instances] = []
     for z, plane_image in enumerate(images):
-        gen = segment_image(plane_image, engines, plane=z, **kwargs)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as done:
-                results.append(done.value)
-                break
-            yield SegmentProgress(
-                z * per_plane + p.step,
-                total,
-                f"plane {z + 1}/{len(images)}: {p.message}",
-                z,
-                p.warning,
-                p.failed,
-            )
+
+        def in_stack(p: SegmentProgress, z: int = z) -> SegmentProgress:
+            message = f"plane {z + 1}/{len(images)}: {p.message}"
+            return SegmentProgress(z * per_plane + p.step, total, message, z, p.warning, p.failed)
+
+        results.append((yield from relay(segment_image(plane_image, engines, plane=z, **kwargs), in_stack)))
     return results
 
 
@@ -348,12 +340,7 @@ def run_to_completion(
 ) -> T:
     """Drive a job generator to its end, passing every progress to ``on_progress``; return its value.
 
-    Exceptions of the job (``SegmentationCancelled`` included) propagate.
+    :func:`napari_sartorius.jobs.run_job` under the name scripts already use. Exceptions of the job
+    (``SegmentationCancelled`` included) propagate.
     """
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as done:
-            return done.value
-        if on_progress is not None:
-            on_progress(p)
+    return run_job(gen, on_progress)
