@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="COCO JSON, Kaggle CSV, or a folder of label images")
     c.add_argument("--to", required=True, choices=("coco", "csv", "labels"))
     c.add_argument("--out", required=True, help="output file (coco, csv) or folder (labels)")
-    c.add_argument("--images", help="folder of the images (for sizes and file names when SRC lacks them)")
+    c.add_argument("--images", action="append", metavar="DIR",
+                   help="folder of the images (for sizes and file names when SRC lacks them); repeatable")
     c.set_defaults(func=cmd_convert)
 
     m = sub.add_parser("models", help="list the Mask R-CNN architectures with their parameter counts")
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune a model (K-fold cross-validation with --folds)")
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")
-    t.add_argument("--images", help="folder of the training images (default: beside SRC or its images/ folder)")
+    t.add_argument("--images", action="append", metavar="DIR",
+                   help="folder of the training images, repeatable (default: beside SRC or its images/ folder)")
     t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
     t.add_argument("--base", help="starting checkpoint (e.g. LIVECell-pretrained, imported from detectron2)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
