@@ -35,7 +35,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first with its own pin: a plain range would pull the newest CUDA build (several GB).
+# torch first, pinned to the versions the suite is tested with. On Linux x86-64 this registry wheel is a
+# CUDA build (NVIDIA runtime wheels included, ~6.4 GB venv, GPU or not); a CPU build installed into
+# .venv beforehand (see README) satisfies the pin and is kept.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 if [ "$want_test" = 1 ]; then
     .venv/bin/python -m pip install -q -e ".[testing]"

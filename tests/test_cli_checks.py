@@ -101,3 +101,19 @@ def test_evaluate_json_lists_notes(tmp_path, capsys):
     assert result["notes"] == ["1 image(s) without predictions (scored 0): shsy5y"]
     code, out, _ = run(capsys, "evaluate", "--pred", one, "--gt", gt)
     assert "1 image(s) without predictions (scored 0): shsy5y" in out
+
+
+def test_convert_takes_several_image_folders(tmp_path, capsys):
+    gt, images = _truth_and_images(tmp_path)
+    labels = tmp_path / "labels"
+    save_annotations(load_annotations(gt), labels, "labels")
+    other = tmp_path / "more"
+    other.mkdir()
+    (images / "shsy5y.png").rename(other / "shsy5y.png")
+    out = tmp_path / "back.json"
+    code, _, err = run(capsys, "convert", labels, "--to", "coco", "--out", out, "--images", images, "--images", other)
+    assert code == 0, err
+    assert {im.image_id for im in load_annotations(out)} == {"cort", "shsy5y"}
+    code, _, err = run(capsys, "convert", labels, "--to", "coco", "--out", out, "--images", images,
+                       "--images", tmp_path / "nowhere")
+    assert code == 2 and "nowhere" in one_line(err)

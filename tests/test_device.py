@@ -103,3 +103,16 @@ def test_other_errors_and_cpu_oom_propagate(monkeypatch):
 
     with pytest.raises(RuntimeError, match="out of memory"):
         run_with_oom_fallback(cpu_oom, "cpu")
+
+
+def test_one_list_of_devices_for_the_cli_and_both_docks():
+    from napari_sartorius._widgets import finetune, segment
+    from napari_sartorius.cli import build_parser
+
+    assert "mps" in device_mod.DEVICE_CHOICES
+    assert segment.DEVICE_CHOICES is device_mod.DEVICE_CHOICES
+    assert finetune.DEVICE_CHOICES is device_mod.DEVICE_CHOICES
+    parser = build_parser()
+    for command in ("segment", "train"):
+        sub = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions if a.dest == "device")
+        assert tuple(sub.choices) == device_mod.DEVICE_CHOICES

@@ -2,9 +2,11 @@
 
 Also the conversion the "Segment cells" dock's Export button uses (:func:`labels_to_annotations`).
 
-The COCO ``file_name`` of each image is the image layer's source file name when the layer came from a
-file (``layer.source.path`` or ``metadata["path"]``); otherwise the image is written as
-``<image id>.png`` beside the JSON (atomically) so that the pair opens again with this plugin's reader.
+The COCO ``file_name`` of each image is the bare name of the image layer's source file when the layer
+came from a file (``layer.source.path`` or ``metadata["path"]``), wherever the JSON goes: one rule for
+File > Save Layers and the Segment dock's Export (the reader finds it beside the JSON or in an
+``images/`` folder beside it); otherwise the image is written as ``<image id>.png`` beside the JSON
+(atomically) so that the pair opens again with this plugin's reader.
 A 3-D labels stack becomes one COCO image per plane (``<image id>_z000``, ...).
 """
 
@@ -141,18 +143,10 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def coco_file_name(image_path: str | os.PathLike, annotation_path: str | os.PathLike) -> str:
-    """The ``file_name`` to record for an image file: its bare name when it lies beside the annotation
-    file or in an ``images/`` folder beside it (where the reader looks), else its path relative to the
-    annotation file's folder (so that the reader still finds it)."""
-    img = Path(image_path).resolve()
-    base = Path(annotation_path).resolve().parent
-    if img.parent in (base, base / "images"):
-        return img.name
-    try:
-        return Path(os.path.relpath(img, base)).as_posix()
-    except ValueError:  # another drive (Windows)
-        return img.as_posix()
+def coco_file_name(image_path: str | os.PathLike) -> str:
+    """The ``file_name`` to record for an image file: its bare name (never a path: a COCO file moves
+    with its images, and the reader looks beside it and in an ``images/`` folder beside it)."""
+    return Path(image_path).name
 
 
 def write_layers(
@@ -209,7 +203,7 @@ def write_layers(
         src = _source_path(image_meta)
         if src is not None and labels.ndim == 2 and src.is_file():
             image_id = src.stem
-            file_name = coco_file_name(src, out)
+            file_name = coco_file_name(src)
             image_arr = None  # the file exists; nothing to write
     else:
         image_id = image_id_for(labels_meta.get("name", "labels"))

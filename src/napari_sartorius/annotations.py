@@ -10,6 +10,10 @@ from pathlib import Path
 from .cell_types import DEFAULT_CLASSES
 from .instances import Instances
 
+#: Extensions of image and label files (those ``AnnotationSet.key_for`` strips); the same as
+#: ``io.images.IMAGE_EXTENSIONS`` (io imports this module, so the tuple lives here too).
+FILE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
 __all__ = ["ImageAnnotations", "AnnotationSet"]
 
 
@@ -65,6 +69,9 @@ class AnnotationSet:
 
     @staticmethod
     def key_for(path_or_name: str | Path) -> str:
-        """The matching key of an image or label file: its stem, without a ``_labels`` suffix."""
-        stem = Path(str(path_or_name)).stem
+        """The matching key of an image or label file: its name without an image extension (one of
+        ``FILE_SUFFIXES``) and without a ``_labels`` suffix. Any other dot belongs to the key:
+        ``"img.v2"`` -> ``"img.v2"``, ``"img.v2.png"`` -> ``"img.v2"``, ``"a_labels.tif"`` -> ``"a"``."""
+        p = Path(str(path_or_name))
+        stem = p.stem if p.suffix.lower() in FILE_SUFFIXES else p.name
         return stem[: -len("_labels")] if stem.endswith("_labels") else stem

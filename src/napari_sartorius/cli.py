@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
 from .commands.pretrained import resolve_model_arg
+from .device import DEVICE_CHOICES
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -357,15 +358,16 @@ def _train(args, start, data, val, settings, say, main_process) -> int:
 
 
 def _drain(gen, describe, say):
-    """Run a progress generator to its end, saying every 20th update (and messages)."""
-    while True:
-        try:
-            item = next(gen)
-        except StopIteration as done:
-            return done.value
+    """Run a job generator to its end (:func:`~napari_sartorius.jobs.run_job`), saying the lines
+    ``describe`` gives (it returns None for the updates not worth a line)."""
+    from .jobs import run_job
+
+    def relay_line(item) -> None:
         line = describe(item)
         if line:
             say(line)
+
+    return run_job(gen, relay_line)
 
 
 def _train_line(p) -> str | None:
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how models and TTA variants are fused (default wbf)")
     s.add_argument("--iou", type=unit_interval, default=0.5, help="IoU threshold of the fusion, in (0, 1] (default 0.5)")
     s.add_argument("--cell-type", default="auto", help="auto (majority predicted class) or shsy5y, astro, cort")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
+    s.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default auto")
     s.add_argument("--raw", action="store_true",
                    help="write every instance above the model's score threshold with its score, overlaps kept, "
                    "no post-processing (for COCO-style evaluation); no label images")
@@ -440,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="COCO JSON, Kaggle CSV, or a folder of label images")
     c.add_argument("--to", required=True, choices=("coco", "csv", "labels"))
     c.add_argument("--out", required=True, help="output file (coco, csv) or folder (labels)")
-    c.add_argument("--images", help="folder of the images (for sizes and file names when SRC lacks them)")
+    c.add_argument("--images", action="append", metavar="DIR",
+                   help="folder of the images (for sizes and file names when SRC lacks them); repeatable")
     c.set_defaults(func=cmd_convert)
 
     m = sub.add_parser("models", help="list the Mask R-CNN architectures with their parameter counts")
@@ -462,14 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune a model (K-fold cross-validation with --folds)")
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")
-    t.add_argument("--images", help="folder of the training images (default: beside SRC or its images/ folder)")
+    t.add_argument("--images", action="append", metavar="DIR",
+                   help="folder of the training images, repeatable (default: beside SRC or its images/ folder)")
     t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
     t.add_argument("--base", help="starting checkpoint, or a pretrained name such as livecell-shsy5y (`pretrained list`)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--val", help="validation annotations (COCO JSON or Kaggle CSV)")
     t.add_argument("--folds", type=int, help="K-fold cross-validation, stratified by cell type")
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     t.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     t.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
     t.add_argument("--size", type=int,

@@ -145,7 +145,9 @@ def test_writer_keeps_classes_and_the_image_file(tmp_path):
     written = write_coco(str(out_dir / "copy"), layers)
     assert written == [str(out_dir / "copy.json")]  # image file exists: nothing else written
     coco = json.loads((out_dir / "copy.json").read_text())
-    assert coco["images"][0]["file_name"] == "../images/img_cort.png"
+    assert coco["images"][0]["file_name"] == "img_cort.png"  # the image's file name, never a path
+    (out_dir / "images").mkdir()
+    (out_dir / "images" / "img_cort.png").write_bytes((path.parent / "images" / "img_cort.png").read_bytes())
     again = read_annotations(out_dir / "copy.json")
     assert [t for _, _, t in again] == ["image", "labels"]
     assert np.array_equal(again[1][0], samples["img_cort"].labels)

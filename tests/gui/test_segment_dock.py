@@ -342,8 +342,13 @@ def test_model_list(tmp_path, viewer_and_dock):
         ml.remove(ml.entries[0])
     with pytest.raises(FileNotFoundError):
         ml.add_checkpoint(tmp_path / "missing.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("my weights are on the server\n")
+    with pytest.raises(ValueError, match="not a checkpoint: .*notes.pt is a text file"):
+        ml.add_checkpoint(text)  # refused when added, saying why, not at the next run
+    assert len(ml.entries) == 1
     f = tmp_path / "m.pt"
-    f.write_bytes(b"x")
+    _torch_like_file(f)
     e = ml.add_checkpoint(f)
     with pytest.raises(ValueError, match="already"):
         ml.add_checkpoint(f)
@@ -352,6 +357,65 @@ def test_model_list(tmp_path, viewer_and_dock):
     assert [x.name for x in ml.selected()] == [ml.entries[0].name, "m.pt"]
     ml.remove("m.pt")
     assert len(ml.entries) == 1
+
+
+def _torch_like_file(path):
+    """A zip laid out as torch.save writes one (the add-time check reads no further; no torch here)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{path.stem}/data.pkl", b"\x80\x02}q\x00.")
+
+
+def test_a_failing_member_never_costs_the_others_result(qtbot, viewer_and_dock):
+    viewer, dock = viewer_and_dock
+    dock.models.add_engine(FailingEngine(ClassicalEngine(), name="broken"))
+    _run_and_wait(qtbot, dock)
+    assert dock.last_error is None
+    assert dock.labels_layer is not None and int(dock.labels_layer.data.max()) >= 1  # the classical result
+    assert any("broken" in w and "left out" in w and "corrupt" in w for w in dock.last_warnings)
+    assert "left out" in dock.status.value
+
+
+def test_a_failure_line_goes_when_the_input_changes(qtbot, viewer_and_dock, sample):
+    viewer, dock = viewer_and_dock
+    _use_only(dock, FailingEngine(ClassicalEngine(), name="broken"))
+    _run_and_wait(qtbot, dock)
+    assert dock.status.value.startswith("failed")
+    other = viewer.add_image(sample.image[::-1], name="other")
+    dock.image_layer.value = other
+    assert dock.status.value == ""
+
+
+def test_mask_controls_are_disabled_for_the_weight_free_engines_binary_masks(qtbot, viewer_and_dock):
+    viewer, dock = viewer_and_dock
+    _run_and_wait(qtbot, dock)  # the classical engine alone
+    for w in (dock.mask_threshold, dock.max_overlap, dock.fill_holes):
+        assert not w.enabled and "binary" in w.tooltip
+    assert dock.keep_largest.enabled and all(r.score.enabled for r in dock.class_rows)
+    dock.models.add_engine(CountingEngine(ClassicalEngine(), name="a model"))
+    _run_and_wait(qtbot, dock)  # fused with another member: probabilities, overlaps possible
+    for w in (dock.mask_threshold, dock.max_overlap, dock.fill_holes):
+        assert w.enabled and "binary" not in (w.tooltip or "")
+
+
+def test_export_names_the_image_file_not_a_path(qtbot, make_napari_viewer, sample, tmp_path):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    Image.fromarray(sample.image).save(tmp_path / "data" / "images" / "well_a1.png")
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "data" / "images" / "well_a1.png"))
+    dock = SegmentCellsWidget(viewer)
+    _low_thresholds(dock)
+    _run_and_wait(qtbot, dock)
+    out = tmp_path / "exports" / "deep" / "cells.json"
+    out.parent.mkdir(parents=True)
+    assert dock.export(out) == [str(out)]  # the image has a file: nothing else written
+    coco = json.loads(out.read_text())
+    assert [im["file_name"] for im in coco["images"]] == ["well_a1.png"]
 
 
 def test_export_coco_and_csv(qtbot, viewer_and_dock, tmp_path):

@@ -36,7 +36,7 @@ def test_the_job_is_lazy_and_reports_every_engine_and_tta_group(fakes):
     assert all(e.batch_sizes == [] for e in engines)  # nothing runs before iteration
     result, progress = drive(gen)
     assert [p.step for p in progress] == list(range(1, 8))
-    assert {p.total for p in progress} == {7} == {count_steps(img.shape, 3, "flips+rot90")}
+    assert {p.total for p in progress} == {7} == {count_steps(img.shape, 3, tta="flips+rot90")}
     assert progress[2].message == "model 2/3 (m1), flips+rot90, batch 1/2"
     assert progress[-1].message.startswith("fused ") and "24 sources" in progress[-1].message
     assert all(e.batch_sizes == [4, 4] for e in engines)
@@ -174,3 +174,46 @@ def test_engine_returning_the_wrong_number_of_results_is_reported(fakes):
 
     with pytest.raises(ValueError, match="returned 1 results for 4 images"):
         run_to_completion(segment_image(fakes.blob_image((30, 30), n=1), [Broken(name="broken")], tta="flips"))
+
+
+class _Broken:
+    name = "broken"
+    class_names = ("shsy5y", "astro", "cort")
+
+    def predict_batch(self, images):
+        raise IndexError("pop from empty list")
+
+
+def test_a_failing_member_never_costs_the_others_result(fakes):
+    good = fakes.BlobEngine(name="good")
+    img = fakes.blob_image((60, 80), n=5)
+    broken = _Broken()
+    broken.class_names = tuple(good.class_names)
+    result, progress = drive(segment_image(img, [broken, good], tta="flips"))
+    warnings = [p.warning for p in progress if p.warning]
+    assert warnings == ["model 1/2 (broken) failed and was left out: pop from empty list"]
+    assert progress[-1].failed == ("broken",) and progress[-1].step == progress[-1].total
+    alone, _ = drive(segment_image(img, [good], tta="flips"))
+    fakes.assert_same_instances(result, alone)  # as if only the good model had been asked
+    # two engines without TTA, one failing: the other's raw result is passed through unfused
+    result, progress = drive(segment_image(img, [good, broken]))
+    fakes.assert_same_instances(result, good.predict_one(img))
+    assert progress[-1].step == progress[-1].total and progress[-1].failed == ("broken",)
+
+
+def test_options_are_keyword_only(fakes):
+    img = fakes.blob_image((20, 20), n=1)
+    with pytest.raises(TypeError):
+        segment_image(img, [fakes.BlobEngine()], [1.0])
+    with pytest.raises(TypeError):
+        count_steps(img.shape, 1, "flips")
+
+
+def test_when_every_member_fails_the_first_error_propagates(fakes):
+    img = fakes.blob_image((40, 40), n=2)
+    a, b = _Broken(), _Broken()
+    b.name = "also broken"
+    with pytest.raises(IndexError, match="pop from empty list"):
+        drive(segment_image(img, [a, b]))
+    with pytest.raises(IndexError):
+        drive(segment_image(img, [a]))

@@ -190,3 +190,22 @@ def test_folder_errors(tmp_path):
         read_label_images(tmp_path)
     with pytest.raises(ValueError, match="no images"):
         write_label_images(AnnotationSet([]), tmp_path / "out")
+
+
+def test_read_label_metadata_says_none_only_for_files_without_it(tmp_path):
+    from PIL import Image
+
+    plain = tmp_path / "plain.png"
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(plain)
+    assert read_label_metadata(plain) is None  # a PNG without the writer's text
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff at all")
+    assert read_label_metadata(junk) is None  # undecodable: the pixel reader reports it
+    with pytest.raises(FileNotFoundError, match="missing.tif"):
+        read_label_metadata(tmp_path / "missing.tif")
+    with pytest.MonkeyPatch.context() as mp:  # a bug in the reading code is not swallowed
+        import PIL.Image
+
+        mp.setattr(PIL.Image, "open", lambda *a, **k: (_ for _ in ()).throw(TypeError("bug")))
+        with pytest.raises(TypeError, match="bug"):
+            read_label_metadata(plain)

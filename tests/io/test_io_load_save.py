@@ -110,6 +110,22 @@ def test_size_disagreeing_with_images(tmp_path, fmt, name):
         load_annotations(out, images_dir=imgs)
 
 
+@pytest.mark.parametrize("fmt, name", [("coco", "a.json"), ("csv", "a.csv"), ("labels", "lab")])
+def test_several_image_folders(tmp_path, fmt, name):
+    out = save_annotations(_aset(), tmp_path / name, fmt)
+    first, second = tmp_path / "plate1", tmp_path / "plate2"
+    first.mkdir()
+    second.mkdir()
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(first / "s1.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(second / "s2.png")  # wrong size, in the 2nd folder
+    with pytest.raises(ValueError, match=r"s2\.png is 9 x 8"):
+        load_annotations(out, images_dir=[first, second])
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(second / "s2.png")
+    assert len(load_annotations(out, images_dir=[first, str(second)])) == 2
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_annotations(out, images_dir=[first, tmp_path / "nowhere"])
+
+
 def test_real_coco_and_csv_agree(real_data):
     images = real_data / "images" if (real_data / "images").is_dir() else None
     coco = load_annotations(real_data / "coco.json", images_dir=images)

@@ -150,3 +150,22 @@ def test_clean_masks_on_request():
     assert any(src.startswith("masks cleaned") for src in ds.sources)
     _, tgt = ds[0]
     assert int(tgt["masks"][0][5, 5]) == 1
+
+
+def test_images_in_several_folders(tmp_path):
+    from napari_sartorius.annotations import AnnotationSet, ImageAnnotations
+    from napari_sartorius.instances import Instances
+
+    img, lab = _pair()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_png(tmp_path / "a" / "one.png", img)
+    _write_png(tmp_path / "b" / "two.png", img)
+    inst = Instances.from_label_image(lab)
+    aset = AnnotationSet([ImageAnnotations("one", inst, "cort"), ImageAnnotations("two", inst, "cort")])
+    ds = dataset_from_annotations(aset, [tmp_path / "a", str(tmp_path / "b")])
+    assert [s.path.parent.name for s in ds.samples] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"'two' of the annotations is not in .*a: pass the folder"):
+        dataset_from_annotations(aset, [tmp_path / "a"])
+    with pytest.raises(ValueError, match="does not exist"):
+        dataset_from_annotations(aset, [tmp_path / "a", tmp_path / "nope"])

@@ -116,15 +116,19 @@ class ModelList(Container):
         return [e for e in self._entries if e.enabled]
 
     def add_checkpoint(self, path: str | Path, weight: float = 1.0) -> ModelEntry:
-        """Add a checkpoint file (not loaded yet).
+        """Add a checkpoint file (checked, not loaded yet).
+
+        The file is checked at once (a few bytes, no torch: ``models.checkpoint_file``), so that a text
+        file or a detectron2 pickle is refused here, saying what it is, not at the next run.
 
         Raises:
             FileNotFoundError: the file does not exist.
-            ValueError: it is already in the list.
+            ValueError: it is already in the list, or it is not a checkpoint (the message says why).
         """
+        from ..models.checkpoint_file import check_checkpoint_file
+
         path = Path(path).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint file at {path}")
+        check_checkpoint_file(path)
         if any(e.path == path for e in self._entries):
             raise ValueError(f"{path.name} is already in the model list")
         return self._append(ModelEntry(path.name, path=path, weight=weight))
@@ -184,4 +188,4 @@ class ModelList(Container):
             try:
                 self.add_checkpoint(p)
             except (OSError, ValueError) as e:
-                show_error(str(e))
+                show_error(f"Add checkpoint: {e}")

@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from ..device import DEVICE_CHOICES  # noqa: E402 - one list for the CLI and both docks (mps included)
 #: ``AugmentationSettings`` on/off fields shown as check boxes, with their defaults.
 AUG_SWITCHES: dict[str, bool] = {"crop": True, "resize": True, "hflip": True, "vflip": True, "rot90": True}
 #: ``AugmentationSettings`` strength fields (0 = off): default, maximum, step, label.

@@ -55,9 +55,14 @@ __all__ = ["SegmentCellsWidget", "TTA_CHOICES", "ENSEMBLE_CHOICES", "DEVICE_CHOI
 
 TTA_CHOICES = ("none", "flips", "flips+rot90", "multiscale")
 ENSEMBLE_CHOICES = ("wbf", "nms", "soft_nms", "nmw", "mask_nms")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from ..device import DEVICE_CHOICES  # noqa: E402 - one list for the CLI and both docks (mps included)
 #: Slider moves are coalesced: a render starts this long after the last change (ms).
 RENDER_DELAY_MS = 30
+#: Tooltip of the mask controls while they cannot change anything (only the weight-free engine ran).
+BINARY_MASKS_TIP = (
+    "no effect on this result: the weight-free engine's masks are binary, without holes or overlaps "
+    "(they matter for Mask R-CNN models or TTA)"
+)
 
 
 class Cancelled(Exception):
@@ -130,8 +135,16 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
         if stop.is_set():
             raise Cancelled()
         yield 0.0, f"loading {entry.name} ({k + 1}/{len(entries)})", None
-        engines.append(entry.get_engine(device))
+        try:
+            engines.append(entry.get_engine(device))
+        except Exception as e:  # noqa: BLE001 - a member that cannot load never costs the others' result
+            if len(entries) == 1:
+                raise
+            yield 0.0, f"{entry.name} left out", f"{entry.name} could not be loaded and was left out: {e}"
+            continue
         weights.append(entry.weight)
+    if not engines:
+        raise ValueError("none of the models could be loaded (see the warnings above)")
     # segment_stack checks that the models know the same classes (and maps their order onto the first's)
     class_names = tuple(engines[0].class_names)
     n = len(planes)
@@ -214,6 +227,7 @@ class SegmentCellsWidget(Container):
         self.last_cell_type: str | None = None
         self.last_error: str | None = None
         self._review = RenderedReview()
+        self.last_warnings: list[str] = []  # warnings of the run whose result is shown
 
         # -- input and models ---------------------------------------------------------------
         self.image_layer = ComboBox(label="Image", choices=self._image_choices, nullable=True)
@@ -247,6 +261,9 @@ class SegmentCellsWidget(Container):
         )
         self.fill_holes = CheckBox(text="Fill holes", value=True)
         self.keep_largest = CheckBox(text="Keep largest component", value=True)
+        self.mask_threshold.tooltip = "a pixel belongs to a cell where its mask probability is at least this"
+        self.fill_holes.tooltip = "fill holes inside each cell's mask"
+        self._mask_tips = {w: w.tooltip for w in (self.mask_threshold, self.max_overlap, self.fill_holes)}
         self._build_class_rows(DEFAULT_CLASSES)
 
         # -- export -------------------------------------------------------------------------
@@ -288,6 +305,7 @@ class SegmentCellsWidget(Container):
         self._render_timer.setInterval(RENDER_DELAY_MS)
         self._render_timer.timeout.connect(self._render_now)
 
+        self.image_layer.changed.connect(self._clear_failure)
         self.segment_button.changed.connect(lambda *_: self.run())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.export_button.changed.connect(self._on_export_clicked)
@@ -390,8 +408,11 @@ class SegmentCellsWidget(Container):
             show_error(f"Segment cells: {e}")
             return None
         options = {"tta": self.tta.value, "ensemble": self.ensemble.value, "iou_thr": float(self.iou.value)}
+        # the weight-free engine alone, unfused, gives binary masks without holes or overlaps
+        binary = all(e.is_classical for e in entries) and options["tta"] == "none"
         self._stop = threading.Event()
         self.last_error = None
+        self.last_warnings = []
         worker = create_worker(
             _segment_planes,
             planes,
@@ -403,7 +424,9 @@ class SegmentCellsWidget(Container):
             _ignore_errors=True,  # errors become notifications in _on_errored
         )
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda res, _layer=layer, _lead=lead: self._on_returned(res, _layer, _lead))
+        worker.returned.connect(
+            lambda res, _layer=layer, _lead=lead, _bin=binary: self._on_returned(res, _layer, _lead, _bin)
+        )
         worker.errored.connect(self._on_errored)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
@@ -430,13 +453,14 @@ class SegmentCellsWidget(Container):
         if warning:
             from napari.utils.notifications import show_warning
 
+            self.last_warnings.append(str(warning))
             show_warning(f"Segment cells: {warning}")
 
-    def _on_returned(self, result, image_layer, lead) -> None:
+    def _on_returned(self, result, image_layer, lead, binary_masks: bool = False) -> None:
         if self._stop.is_set():
             return
         raw, class_names = result
-        self.set_predictions(raw, class_names, image_layer, lead_shape=lead)
+        self.set_predictions(raw, class_names, image_layer, lead_shape=lead, binary_masks=binary_masks)
 
     def _on_errored(self, exc) -> None:
         from napari.utils.notifications import show_error
@@ -447,6 +471,11 @@ class SegmentCellsWidget(Container):
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.status.value = f"failed: {exc}"
         show_error(f"Segment cells failed: {exc}")
+
+    def _clear_failure(self, *_) -> None:
+        """A failure line belongs to the run that failed: gone once the input changes."""
+        if not self.is_running and self.status.value.startswith("failed"):
+            self.status.value = ""
 
     def _on_aborted(self) -> None:
         self.status.value = "cancelled"
@@ -460,12 +489,19 @@ class SegmentCellsWidget(Container):
             self.status.value = "cancelled"
 
     # -- rendering --------------------------------------------------------------------------
-    def set_predictions(self, raw, class_names, image_layer=None, lead_shape: tuple[int, ...] = ()) -> None:
+    def set_predictions(
+        self, raw, class_names, image_layer=None, lead_shape: tuple[int, ...] = (), binary_masks: bool = False
+    ) -> None:
         """Cache raw predictions (one Instances per plane) and render them into a Labels layer.
 
         A new set of predictions goes to the previous result layer only when that layer shows the
         same image and was not edited; otherwise a new ``"<image> labels"`` layer is added.
+        ``binary_masks``: the masks are binary, without holes or overlaps (the weight-free engine
+        alone): mask threshold, max overlap and fill holes are disabled, their tooltip says why.
         """
+        for w, tip in self._mask_tips.items():
+            w.enabled = not binary_masks
+            w.tooltip = BINARY_MASKS_TIP if binary_masks else tip
         class_names = tuple(class_names)
         if class_names != tuple(r.class_name for r in self.class_rows):
             self._build_class_rows(class_names)
@@ -499,6 +535,7 @@ class SegmentCellsWidget(Container):
         try:
             labels, features, cell_type = self._postprocess_all(self.settings())
         except ValueError as e:
+            self.status.value = f"failed: {e}"  # never leave the previous result's line standing
             show_error(f"Segment cells: {e}")
             return
         self._write_layer(labels, features, cell_type)
@@ -508,6 +545,8 @@ class SegmentCellsWidget(Container):
         ct = cell_type or "none"
         how = "auto" if self.cell_type.value == "auto" else "fixed"
         self.status.value = f"{n} cells, cell type {ct} ({how}); rendered in {self.last_render_ms:.0f} ms"
+        if self.last_warnings:  # e.g. a member left out: said with the result it shaped
+            self.status.value += f" - {'; '.join(self.last_warnings)}"
         self.progress.value = 1000
 
     def _postprocess_all(self, settings):

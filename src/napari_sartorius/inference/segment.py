@@ -18,6 +18,11 @@ can tell a cancel from a failure with ``isinstance(exc, SegmentationCancelled)``
 A single engine without TTA is passed through: its raw output (tiles merged) is returned unfused.
 Every other case is fused with :func:`~napari_sartorius.inference.ensemble.fuse_instances`; each TTA
 variant of each engine is one source carrying that engine's weight.
+
+A failing member never costs the others' result: when one engine of several raises, it is left out,
+the next progress carries a ``warning`` naming it and its error (and ``failed`` lists it), and the
+others are fused as if it had not been asked. Only when every engine fails does the first error
+propagate (as it does for a single engine).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Callable, Generator, Iterator, Sequence, TypeVar
 import numpy as np
 
 from ..instances import Instances
+from ..jobs import relay, run_job
 from ..stopping import stop_requested
+from .engine import MovableEngine, check_engine, engine_name
 from .ensemble import CONF_TYPES, METHODS, fuse_instances
 from .tiling import (
     DEFAULT_MAX_TILE,
@@ -63,7 +70,8 @@ class SegmentProgress:
         message: what was just done, e.g. ``"model 2/3 (R50), flips"``.
         plane: 0-based plane index for :func:`segment_stack`, else None.
         warning: a message for the user when something changed on the way (e.g. the GPU ran out of
-            memory and the job continues on the CPU), else None.
+            memory and the job continues on the CPU, or a model failed and was left out), else None.
+        failed: names of the models that failed so far and were left out of the result.
     """
 
     step: int
@@ -71,6 +79,7 @@ class SegmentProgress:
     message: str
     plane: int | None = None
     warning: str | None = None
+    failed: tuple[str, ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -97,8 +106,8 @@ def _class_maps(engines: Sequence) -> list[np.ndarray | None]:
             continue
         if sorted(names) != sorted(names0) or len(set(names)) != len(names):
             raise ValueError(
-                f"the models disagree on their classes: {getattr(engines[0], 'name', 'model 1')!r} has "
-                f"{list(names0)}, {getattr(e, 'name', '?')!r} has {list(names)}; ensemble only models "
+                f"the models disagree on their classes: {engine_name(engines[0])!r} has "
+                f"{list(names0)}, {engine_name(e)!r} has {list(names)}; ensemble only models "
                 "trained on the same cell types"
             )
         maps.append(np.array([names0.index(n) for n in names], np.int64))
@@ -114,9 +123,9 @@ def _remap(inst: Instances, mapping: np.ndarray | None) -> Instances:
 def _predict(engine, images, notes: list[str], what: str) -> list[Instances]:
     """``predict_batch``, with the CPU fallback on GPU out-of-memory for engines that can move
     (a ``device`` attribute and a ``to(device)`` method)."""
-    device = getattr(engine, "device", None)
-    if device is None or not callable(getattr(engine, "to", None)):
+    if not isinstance(engine, MovableEngine) or engine.device is None:
         return predict_checked(engine, images)
+    device = engine.device
     import torch
 
     from ..device import run_with_oom_fallback
@@ -146,6 +155,7 @@ def _n_groups(shape: tuple[int, int], transforms) -> int:
 def count_steps(
     image_shape: tuple[int, ...],
     n_engines: int,
+    *,
     tta: str = "none",
     scales: Sequence[float] | None = None,
     max_tile: int | None = DEFAULT_MAX_TILE,
@@ -162,6 +172,7 @@ def count_steps(
 def segment_image(
     image: np.ndarray,
     engines: Sequence,
+    *,
     weights: Sequence[float] | None = None,
     tta: str = "none",
     ensemble: str = "wbf",
@@ -176,6 +187,8 @@ def segment_image(
     plane: int | None = None,
 ) -> Generator[SegmentProgress, None, Instances]:
     """Segment one image with an ensemble of engines and TTA; a generator (see the module docstring).
+
+    Every argument after ``engines`` is keyword-only.
 
     Args:
         image: (H, W) grayscale or (H, W, 3) RGB, uint8 or float in 0..255.
@@ -208,8 +221,7 @@ def segment_image(
     if not engines:
         raise ValueError("segment_image needs at least one engine (model)")
     for e in engines:
-        if not callable(getattr(e, "predict_batch", None)) or not hasattr(e, "class_names"):
-            raise ValueError(f"{e!r} is not an engine: it needs class_names and predict_batch(images)")
+        check_engine(e)
     w = np.ones(len(engines)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
     if len(w) != len(engines) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"need one positive weight per model: {len(engines)} models, weights {list(w)}")
@@ -220,38 +232,60 @@ def segment_image(
     transforms = tta_transforms(tta, scales)
     maps = _class_maps(engines)
     tiles = _tiles(size, max_tile, tile_overlap)
-    total = count_steps(size, len(engines), tta, scales, max_tile, tile_overlap)
+    total = count_steps(size, len(engines), tta=tta, scales=scales, max_tile=max_tile, tile_overlap=tile_overlap)
     fuse = not (len(engines) == 1 and len(transforms) == 1)
 
     sources: list[Instances] = []
     source_weights: list[float] = []
     notes: list[str] = []
+    failed: list[str] = []
+    first_error: Exception | None = None
+    calls_per_engine = (total - int(fuse)) // len(engines)
     step = 0
     for e_idx, engine in enumerate(engines):
-        name = getattr(engine, "name", type(engine).__name__)
+        name = engine_name(engine)
         per_variant: list[list[Instances | None]] = [[None] * len(tiles) for _ in transforms]
-        for t_idx, tile in enumerate(tiles):
-            batches = tta_batches(image[tile.slices], tta, scales)
-            for b_idx, batch in enumerate(batches):
-                _check_stop(stop, step, total)
-                where = f"model {e_idx + 1}/{len(engines)} ({name}), {tta}"
-                if len(tiles) > 1:
-                    where += f", tile {t_idx + 1}/{len(tiles)}"
-                if len(batches) > 1:
-                    where += f", batch {b_idx + 1}/{len(batches)}"
-                preds = _predict(engine, batch.images, notes, f"while running {where}")
-                for v, inst in zip(batch.indices, invert_batch(batch, preds, tile.shape)):
-                    inst = _remap(inst, maps[e_idx])
+        start = step
+        try:
+            for t_idx, tile in enumerate(tiles):
+                batches = tta_batches(image[tile.slices], tta, scales)
+                for b_idx, batch in enumerate(batches):
+                    _check_stop(stop, step, total)
+                    where = f"model {e_idx + 1}/{len(engines)} ({name}), {tta}"
                     if len(tiles) > 1:
-                        inst = shift_instances(inst, tile.y0, tile.x0, size)
-                    per_variant[v][t_idx] = inst
-                step += 1
-                yield SegmentProgress(step, total, where, plane, notes.pop(0) if notes else None)
+                        where += f", tile {t_idx + 1}/{len(tiles)}"
+                    if len(batches) > 1:
+                        where += f", batch {b_idx + 1}/{len(batches)}"
+                    preds = _predict(engine, batch.images, notes, f"while running {where}")
+                    for v, inst in zip(batch.indices, invert_batch(batch, preds, tile.shape)):
+                        inst = _remap(inst, maps[e_idx])
+                        if len(tiles) > 1:
+                            inst = shift_instances(inst, tile.y0, tile.x0, size)
+                        per_variant[v][t_idx] = inst
+                    step += 1
+                    yield SegmentProgress(step, total, where, plane, notes.pop(0) if notes else None, tuple(failed))
+        except SegmentationCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one member's failure is reported, the others go on
+            if len(engines) == 1:
+                raise
+            first_error = first_error or exc
+            failed.append(name)
+            step = start + calls_per_engine
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = f"model {e_idx + 1}/{len(engines)} ({name}) failed and was left out: {reason}"
+            yield SegmentProgress(step, total, message, plane, message, tuple(failed))
+            continue
         for parts in per_variant:
             sources.append(merge_tiles(parts, tiles, size) if len(tiles) > 1 else parts[0])
             source_weights.append(float(w[e_idx]))
 
-    if not fuse:
+    if not sources:  # every member failed
+        raise first_error
+    if len(sources) == 1:  # a single source left (one engine, no TTA): passed through as it is
+        if fuse:
+            message = f"one model left ({', '.join(failed)} failed): its result is used unfused"
+            yield SegmentProgress(total, total, message, plane, notes.pop(0) if notes else None, tuple(failed))
         return sources[0]
     _check_stop(stop, step, total)
     n_cand = sum(len(s) for s in sources)
@@ -266,7 +300,7 @@ def segment_image(
     )
     step += 1
     message = f"fused {n_cand} candidates from {len(sources)} sources into {len(fused)} instances ({ensemble})"
-    yield SegmentProgress(step, total, message, plane, notes.pop(0) if notes else None)
+    yield SegmentProgress(step, total, message, plane, notes.pop(0) if notes else None, tuple(failed))
     return fused
 
 
@@ -291,20 +325,12 @@ def segment_stack(
     total = per_plane * len(images)
     results: list[Instances] = []
     for z, plane_image in enumerate(images):
-        gen = segment_image(plane_image, engines, plane=z, **kwargs)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as done:
-                results.append(done.value)
-                break
-            yield SegmentProgress(
-                z * per_plane + p.step,
-                total,
-                f"plane {z + 1}/{len(images)}: {p.message}",
-                z,
-                p.warning,
-            )
+
+        def in_stack(p: SegmentProgress, z: int = z) -> SegmentProgress:
+            message = f"plane {z + 1}/{len(images)}: {p.message}"
+            return SegmentProgress(z * per_plane + p.step, total, message, z, p.warning, p.failed)
+
+        results.append((yield from relay(segment_image(plane_image, engines, plane=z, **kwargs), in_stack)))
     return results
 
 
@@ -314,12 +340,7 @@ def run_to_completion(
 ) -> T:
     """Drive a job generator to its end, passing every progress to ``on_progress``; return its value.
 
-    Exceptions of the job (``SegmentationCancelled`` included) propagate.
+    :func:`napari_sartorius.jobs.run_job` under the name scripts already use. Exceptions of the job
+    (``SegmentationCancelled`` included) propagate.
     """
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as done:
-            return done.value
-        if on_progress is not None:
-            on_progress(p)
+    return run_job(gen, on_progress)

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from ..instances import Instances
+from .engine import ResizingEngine, engine_name
 
 __all__ = [
     "TTA_MODES",
@@ -289,7 +290,7 @@ def _batches(image: np.ndarray, indexed: Sequence[tuple[int, TTATransform]]) -> 
 def predict_checked(engine, images: Sequence[np.ndarray]) -> list[Instances]:
     """``engine.predict_batch(images)``, checking that it returns one Instances per image, sized right."""
     preds = list(engine.predict_batch(list(images)))
-    name = getattr(engine, "name", type(engine).__name__)
+    name = engine_name(engine)
     if len(preds) != len(images):
         raise ValueError(f"engine {name!r} returned {len(preds)} results for {len(images)} images")
     for p, im in zip(preds, images):
@@ -343,8 +344,9 @@ def run_tta(engine, image: np.ndarray, mode: str = "none", scales: Sequence[floa
 
 def _resizes_itself(engine) -> bool:
     """True for an engine that resizes its inputs to a test size it lets us change."""
-    config = getattr(engine, "config", None)
-    return callable(getattr(engine, "set_test_size", None)) and int(getattr(config, "min_size_test", 0) or 0) > 0
+    if not isinstance(engine, ResizingEngine) or not callable(engine.set_test_size):
+        return False
+    return int(getattr(engine.config, "min_size_test", 0) or 0) > 0
 
 
 def _predict_into(results: list, engine, image: np.ndarray, indexed: Sequence[tuple[int, TTATransform]]) -> None:

@@ -104,7 +104,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def load_annotations(
     path: str | os.PathLike,
-    images_dir: str | os.PathLike | None = None,
+    images_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     class_names: Sequence[str] | None = None,
     *,
     extra_class_names: Iterable[str] | None = None,
@@ -116,8 +116,9 @@ def load_annotations(
     Args:
         path: a COCO instance ``.json``, a COCO results ``.json`` (list), a Kaggle ``.csv``, a folder
             of label images, or one label image.
-        images_dir: the images' folder. When given, an annotated size that disagrees with the image
-            file is an error, and a submission CSV without width/height takes its sizes from it.
+        images_dir: the images' folder, or several folders (searched in order). When given, an
+            annotated size that disagrees with the image file is an error, and a submission CSV
+            without width/height takes its sizes from it.
         class_names: the known class names in index order (default shsy5y, astro, cort; a COCO file
             with other categories brings its own).
         extra_class_names: more accepted class names (e.g. new cell types in a CSV).
@@ -131,8 +132,13 @@ def load_annotations(
     """
     path = Path(path)
     fmt = detect_format(path)
-    if images_dir is not None and not Path(images_dir).is_dir():
-        raise FileNotFoundError(f"images folder not found: {images_dir}")
+    if images_dir is not None:
+        many = not isinstance(images_dir, (str, os.PathLike))
+        folders = [Path(d) for d in images_dir] if many else [Path(images_dir)]
+        for d in folders:
+            if not d.is_dir():
+                raise FileNotFoundError(f"images folder not found: {d}")
+        images_dir = folders if many else folders[0]
     if fmt == "coco":
         aset = read_coco(path, class_names, extra_class_names, images_dir, companion)
     elif fmt == "results":

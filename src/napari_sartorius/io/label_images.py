@@ -169,8 +169,16 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_label_metadata(path: str | os.PathLike) -> dict | None:
-    """The JSON this module's writer stored in a label file, or None."""
+    """The JSON this module's writer stored in a label file, or None when the file holds none (no
+    description / PNG text, other JSON, or a file that is no readable TIFF/PNG: the pixel reader
+    reports those).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label image not found: {path}")
     text = None
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -183,7 +191,9 @@ def read_label_metadata(path: str | os.PathLike) -> dict | None:
 
             with Image.open(path) as im:
                 text = im.info.get(META_KEY)
-    except Exception:
+    except (OSError, ValueError, IndexError, SyntaxError):
+        # not decodable as TIFF/PNG (PIL: UnidentifiedImageError is an OSError, a broken PNG chunk a
+        # SyntaxError; tifffile: TiffFileError is a ValueError; a TIFF without pages: IndexError)
         return None
     if not text:
         return None

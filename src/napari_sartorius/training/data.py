@@ -12,6 +12,7 @@ Images without any cell are kept as negative examples; a dataset must hold at le
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -290,7 +291,7 @@ def _as_uint8_image(image, name: str) -> np.ndarray:
 
 def dataset_from_annotations(
     annotations: AnnotationSet,
-    images: str | Path | Sequence[np.ndarray] | None,
+    images: str | Path | Sequence[str | Path] | Sequence[np.ndarray] | None,
     *,
     clean: bool = False,
     transform: Callable | None = None,
@@ -301,8 +302,8 @@ def dataset_from_annotations(
     Args:
         annotations: the cells of each image (classes index ``annotations.class_names``).
         images: a folder holding the image files (found by ``file_name`` or ``image_id`` with
-            ``napari_sartorius.io.images.find_image``; read lazily), or the images themselves in the
-            order of ``annotations.images``.
+            ``napari_sartorius.io.images.find_image``; read lazily), a list of such folders (searched
+            in order), or the images themselves in the order of ``annotations.images``.
         clean: clean the masks first.
         transform: the augmentation.
         source: what to record in the provenance (default: the folder, or "in memory").
@@ -315,28 +316,33 @@ def dataset_from_annotations(
     if not ims:
         raise ValueError("the annotation set holds no image")
     samples = []
-    if images is None or isinstance(images, (str, Path)):
+    folder_list = isinstance(images, (list, tuple)) and bool(images) and all(
+        isinstance(x, (str, os.PathLike)) for x in images
+    )
+    if images is None or isinstance(images, (str, os.PathLike)) or folder_list:
         from ..io.images import find_image
 
         if images is None:
             raise ValueError("the folder holding the annotated images is needed (images_dir)")
-        folder = Path(images)
-        if not folder.is_dir():
-            raise ValueError(f"image folder {folder} does not exist")
+        folders = [Path(d) for d in images] if folder_list else [Path(images)]
+        for folder in folders:
+            if not folder.is_dir():
+                raise ValueError(f"image folder {folder} does not exist")
+        where = " or ".join(map(str, folders))
         for im in ims:
             path = None
             for key in (im.file_name, im.image_id):
                 if key:
-                    path = find_image(key, [folder])
+                    path = find_image(key, folders)
                     if path is not None:
                         break
             if path is None:
                 raise ValueError(
-                    f"image {im.file_name or im.image_id!r} of the annotations is not in {folder}: "
+                    f"image {im.file_name or im.image_id!r} of the annotations is not in {where}: "
                     "pass the folder that holds the images"
                 )
             samples.append(TrainSample(im.image_id, im.instances, im.cell_type, path=path))
-        src = source or str(folder)
+        src = source or where
     else:
         arrays = list(images)
         if len(arrays) != len(ims):
@@ -358,7 +364,7 @@ def dataset_from_annotations(
 
 def dataset_from_file(
     path: str | Path,
-    images_dir: str | Path | None = None,
+    images_dir: str | Path | Sequence[str | Path] | None = None,
     *,
     class_names: Sequence[str] | None = None,
     cell_type: str | None = None,
@@ -370,7 +376,8 @@ def dataset_from_file(
     Args:
         path: the annotation file (or a folder of label images); read with
             ``napari_sartorius.io.load_annotations``.
-        images_dir: the images' folder; default the annotation file's folder or ``images/`` beside it.
+        images_dir: the images' folder, or several (searched in order); default the annotation file's
+            folder or ``images/`` beside it.
         class_names: the known classes in index order (default shsy5y, astro, cort; a COCO file with
             other categories brings its own).
         cell_type: the cell type of every image where the source does not say.
@@ -386,8 +393,11 @@ def dataset_from_file(
     path = Path(path)
     if not path.exists():
         raise ValueError(f"annotation file {path} does not exist")
-    if images_dir is not None and not Path(images_dir).is_dir():
-        raise ValueError(f"image folder {images_dir} does not exist (annotations: {path})")
+    if isinstance(images_dir, (list, tuple)) and not images_dir:
+        images_dir = None
+    for d in [] if images_dir is None else [images_dir] if isinstance(images_dir, (str, os.PathLike)) else images_dir:
+        if not Path(d).is_dir():
+            raise ValueError(f"image folder {d} does not exist (annotations: {path})")
     aset = ns_io.load_annotations(path, images_dir, class_names, cell_type=cell_type)
     if images_dir is None:
         dirs = default_image_dirs(path)
