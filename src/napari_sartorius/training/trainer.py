@@ -58,6 +58,13 @@ __all__ = [
 ]
 
 SCHEDULES = ("multistep", "cosine", "constant")
+#: detectron2's ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE``: the global norm of all gradients ("full_model"),
+#: each parameter's gradient norm ("norm"), or each gradient element ("value").
+CLIP_TYPES = ("full_model", "norm", "value")
+#: the warm-up never takes more than this fraction of the run (a 3-iteration run is not all warm-up)
+MAX_WARMUP_FRACTION = 0.2
+#: a finite loss this many times the median of the run's first losses stops the run: it diverged
+EXPLOSION_FACTOR = 50.0
 
 
 class TrainingError(RuntimeError):
@@ -72,7 +79,8 @@ class TrainSettings:
         iters: optimizer steps of the whole run (a resumed run continues up to this number).
         lr: peak learning rate (detectron2 uses 0.02 for 16 images a step; 0.0025 per 2 images).
         batch_size: images per forward pass (per process).
-        warmup_iters: linear warm-up length in iterations (capped at ``iters``).
+        warmup_iters: linear warm-up length in iterations (at most ``MAX_WARMUP_FRACTION`` of ``iters``,
+            at least 1 when > 0, so a short run gets a short warm-up instead of being all warm-up).
         warmup_factor: learning-rate fraction at iteration 0 of the warm-up.
         schedule: "multistep" (x ``gamma`` at each fraction of ``steps``), "cosine" (to 0 at ``iters``),
             or "constant".
@@ -81,7 +89,10 @@ class TrainSettings:
         weight_decay: L2 penalty on weights (normalisation parameters are not decayed).
         momentum: SGD momentum.
         grad_accum: micro-batches whose gradients are summed before each step (memory-bound GPUs).
-        clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
+        clip_grad_norm: the gradient clipping threshold (None: no clipping); what it bounds is
+            ``clip_type``.
+        clip_type: "full_model" (the global norm of all gradients), "norm" (each parameter's gradient
+            norm) or "value" (each gradient element), as detectron2's ``CLIP_GRADIENTS.CLIP_TYPE``.
         freeze_at: None keeps the model's setting; 0 trains the whole backbone, 1 freezes the stem,
             k >= 2 the stem and res2..res``k`` (detectron2's ``FREEZE_AT``; 5 freezes the whole body).
         amp: mixed precision on CUDA (ignored on CPU).
@@ -111,6 +122,7 @@ class TrainSettings:
     momentum: float = 0.9
     grad_accum: int = 1
     clip_grad_norm: float | None = None
+    clip_type: str = "full_model"
     freeze_at: int | None = None
     amp: bool = True
     checkpoint_period: int = 500
@@ -147,6 +159,8 @@ class TrainSettings:
             bad(f"freeze_at must be in 0..5, got {self.freeze_at}")
         if self.checkpoint_period < 0 or self.eval_period < 0 or self.num_workers < 0:
             bad("checkpoint_period, eval_period and num_workers must be >= 0")
+        if self.clip_type not in CLIP_TYPES:
+            bad(f"clip_type must be one of {', '.join(CLIP_TYPES)}, got {self.clip_type!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             bad(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
         if self.min_size_train is not None and (not self.min_size_train or min(self.min_size_train) < 1):
@@ -244,7 +258,7 @@ class TrainResult:
 def lr_at(iteration: int, s: TrainSettings) -> float:
     """Learning rate of 0-based ``iteration``: warm-up factor x schedule factor x ``s.lr``."""
     it = int(iteration)
-    warm = min(s.warmup_iters, s.iters)
+    warm = warmup_length(s)
     f = 1.0
     if it < warm:
         alpha = it / warm
@@ -254,6 +268,31 @@ def lr_at(iteration: int, s: TrainSettings) -> float:
     elif s.schedule == "cosine":
         f *= 0.5 * (1.0 + math.cos(math.pi * min(it, s.iters) / s.iters))
     return s.lr * f
+
+
+def warmup_length(s: TrainSettings) -> int:
+    """Iterations of linear warm-up: ``s.warmup_iters``, at most ``MAX_WARMUP_FRACTION`` of the run
+    (and at least 1 when a warm-up is asked for)."""
+    if s.warmup_iters <= 0:
+        return 0
+    return max(1, min(s.warmup_iters, int(round(s.iters * MAX_WARMUP_FRACTION))))
+
+
+def clip_gradients(params: Sequence[torch.Tensor], threshold: float | None, clip_type: str = "full_model") -> float:
+    """Clip the gradients of ``params`` in place (nothing when ``threshold`` is None); return the
+    global gradient norm measured before clipping (``inf``/``nan`` when a gradient is not finite)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if threshold is not None and clip_type == "full_model":
+        return float(torch.nn.utils.clip_grad_norm_(grads, threshold))
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, float("inf")))
+    if threshold is not None and clip_type == "norm":
+        for p in grads:
+            torch.nn.utils.clip_grad_norm_([p], threshold)
+    elif threshold is not None:
+        torch.nn.utils.clip_grad_value_(grads, threshold)
+    return norm
 
 
 # -- model preparation -------------------------------------------------------------------------
@@ -380,8 +419,9 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
 
     def calibrate(mod, inputs):
         x = inputs[0].detach().float()
-        mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        mod.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6))
+        mean, var = calibrated_statistics(x, mod.eps)
+        mod.running_mean.copy_(mean)
+        mod.running_var.copy_(var)
         mod.weight.fill_(1.0)
         mod.bias.zero_()
 
@@ -407,6 +447,36 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
         if saved_post:
             rpn._post_nms_top_n = saved_post
         model.train(was_training)
+
+
+#: relative variance below which a channel counts as constant (dead) in :func:`calibrated_statistics`
+CONSTANT_CHANNEL_VAR = 1e-12
+#: smallest variance a live channel is given, as a fraction of its layer's median channel variance
+MIN_RELATIVE_VAR = 1e-2
+
+
+def calibrated_statistics(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FrozenBN ``(running_mean, running_var)``, each ``(C,)``, that normalise ``x`` ``(B, C, H, W)``.
+
+    Two kinds of channel must not be normalised to unit variance, or the layer becomes a huge gain
+    that turns the first optimizer step into an explosion (losses of 1e16 after one step at
+    lr 2e-3, then NaN):
+
+    * constant channels (variance <= ``CONSTANT_CHANNEL_VAR`` x (1 + mean^2)): above all the input
+      of every bottleneck's last FrozenBN, which follows a zero-initialised conv (Fixup, see
+      ``models.backbones._fixup_residuals``). Normalising a zero input clamps its variance to a floor
+      and multiplies whatever the first step puts there by ~300 in each of the 16 blocks. They get
+      the identity (mean 0, variance ``1 - eps``): the residual branch grows from zero as Fixup means.
+    * nearly dead channels: their variance is raised to ``MIN_RELATIVE_VAR`` x the layer's median,
+      which bounds the gain of any channel to 10 x that of a typical one.
+    """
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    live = var > CONSTANT_CHANNEL_VAR * (1.0 + mean.square())
+    if bool(live.any()):
+        var = var.clamp_min(float(var[live].median()) * MIN_RELATIVE_VAR)
+    identity_var = torch.full_like(var, 1.0 - eps)
+    return torch.where(live, mean, torch.zeros_like(mean)), torch.where(live, var, identity_var)
 
 
 def _param_groups(model: nn.Module, s: TrainSettings) -> list[dict]:
@@ -831,19 +901,19 @@ def train(
                         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                             loss_dict = train_model(images, targets)
                         loss = sum(loss_dict.values()) / s.grad_accum
-                        if not torch.isfinite(loss.detach()):
-                            parts = ", ".join(f"{k} {float(v):.3g}" for k, v in loss_dict.items())
-                            raise TrainingError(
-                                f"the loss became {float(loss):g} at iteration {iteration + 1} ({parts}): "
-                                f"lower the learning rate (now {lr:.3g}) or lengthen the warm-up"
-                            )
+                        _check_loss(loss_dict, float(loss.detach()) * s.grad_accum, history, iteration, lr)
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     for k, v in loss_dict.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / s.grad_accum
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if s.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                grad_norm = clip_gradients(params, s.clip_grad_norm, s.clip_type)
+                if not math.isfinite(grad_norm) and scaler is None:
+                    # stop before the step: the weights stay those of the last good iteration
+                    raise TrainingError(
+                        f"the gradients became {grad_norm:g} at iteration {iteration + 1}: lower the learning "
+                        f"rate (now {lr:.3g}) or turn on gradient clipping"
+                    )
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -875,12 +945,9 @@ def train(
             if val_data is not None and s.eval_period and iteration % s.eval_period == 0 and iteration < s.iters:
                 yield from validate(iteration)
             dist_utils.barrier(ctx)
-    except GeneratorExit:
-        # the consumer dropped the generator (e.g. the widget closed): treat as a cancel, keep files intact
-        raise
-    except (TrainingError, KeyboardInterrupt):
-        raise
-    except torch.OutOfMemoryError as e:
+    # A consumer that drops the generator (GeneratorExit) or an error ends the run here: every
+    # checkpoint is written atomically, so the last good file stays as it was.
+    except torch.OutOfMemoryError as e:  # e.g. during validation; the step's own OOM is handled above
         raise TrainingError(_oom_message(s, device, iteration)) from e
 
     if not cancelled and val_data is not None and iteration > start_iter:
@@ -912,6 +979,23 @@ def train(
         history=history,
         val_scores=val_scores,
         messages=messages,
+    )
+
+
+def _check_loss(loss_dict: dict, total: float, history: list[dict], iteration: int, lr: float) -> None:
+    """Raise :class:`TrainingError` when the loss is not finite or exploded (``EXPLOSION_FACTOR``
+    times the median of the run's first five losses): the weights are then still those of the last
+    good iteration, and no checkpoint is written over the last good one."""
+    finite = math.isfinite(total)
+    first = [h["total"] for h in history[:5]]
+    exploded = finite and first and total > EXPLOSION_FACTOR * max(statistics.median(first), 1e-3)
+    if finite and not exploded:
+        return
+    parts = ", ".join(f"{k} {float(v.detach()):.3g}" for k, v in loss_dict.items())
+    what = f"became {total:g}" if not finite else f"exploded to {total:.3g} (it started near {statistics.median(first):.3g})"
+    raise TrainingError(
+        f"the loss {what} at iteration {iteration + 1} ({parts}): lower the learning rate (now {lr:.3g}), "
+        "lengthen the warm-up or turn on gradient clipping; the last good checkpoint is kept"
     )
 
 
