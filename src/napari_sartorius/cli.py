@@ -317,8 +317,9 @@ def cmd_train(args) -> int:
     val = dataset_from_file(args.val, args.images, clean=args.clean_masks) if args.val else None
     sizes = {}
     if args.size is not None:
-        sizes = {"min_size_train": (int(round(args.size * 0.8)), args.size, int(round(args.size * 1.2))),
-                 "max_size_train": 2 * args.size}
+        from .training.settings import multiscale_sizes
+
+        sizes = {"min_size_train": multiscale_sizes(args.size, (0.8, 1.0, 1.2)), "max_size_train": 2 * args.size}
     settings = TrainSettings(
         iters=args.iters, lr=args.lr, batch_size=args.batch, device=args.device, out=str(args.out),
         resume=args.resume,

@@ -635,7 +635,7 @@ class FineTuneWidget(Container):
             iters=iters,
             lr=float(self.learning_rate.value),
             batch_size=int(self.batch_size.value),
-            warmup_iters=min(100, iters // 10),
+            warmup_iters=100,
             device=str(self.device.value),
             out=str(out),
             resume=bool(self.resume.value),
