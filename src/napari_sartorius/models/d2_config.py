@@ -408,15 +408,8 @@ def _get(cfg: Mapping, dotted: str) -> Any:
     return node
 
 
-#: The six architectures, named as in detectron2's model zoo.
-ARCHITECTURES = (
-    "mask_rcnn_R_50_C4",
-    "mask_rcnn_R_50_FPN",
-    "mask_rcnn_R_101_C4",
-    "mask_rcnn_R_101_FPN",
-    "mask_rcnn_X_101_32x8d_FPN",
-    "cascade_mask_rcnn_X_152_32x8d_FPN",
-)
+#: The project's architectures (:mod:`.registry`), named as in detectron2's model zoo.
+from .registry import ARCH_NAMES as ARCHITECTURES  # noqa: E402
 
 
 def _unsupported(option: str, value: Any, supported: str, where: str = "") -> UnsupportedConfigError:
