@@ -61,8 +61,10 @@ _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body", b"<er
 ProgressFn = Callable[[int, "int | None"], None]
 
 
-class PretrainedError(RuntimeError):
-    """A pretrained model cannot be obtained or used; the message is one line that says what to do."""
+class PretrainedError(Exception):
+    """A pretrained model cannot be obtained or used; the message is one line that says what to do.
+
+    (Not a RuntimeError: napari's workers swallow RuntimeErrors raised in a generator as "aborted".)"""
 
 
 class DownloadCancelled(PretrainedError):
