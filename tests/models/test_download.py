@@ -351,3 +351,41 @@ def test_cli_errors_are_one_line(home, capsys, monkeypatch):
     lines = [line for line in err.splitlines() if "error" in line]
     assert code == 1 and len(lines) == 1
     assert entry.url in lines[0] and str(download.download_path(entry)) in lines[0]
+
+
+# -- ImageNet body weights (init-model --imagenet NAME) -----------------------------------------------
+def _imagenet_entry(url, name="test-imagenet") -> PretrainedEntry:
+    return PretrainedEntry(
+        name=name, kind="imagenet", url=url, filename=url.rsplit("/", 1)[1], arch="mask_rcnn_R_50_FPN", classes=(),
+        config=None, size_bytes=None, approx_mb=None, sha256=None, sha256_prefix=None,
+        description="test entry", provenance="written by the tests",
+    )
+
+
+def _state_bytes(state, tmp_path, name):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path.read_bytes()
+
+
+def test_imagenet_weights_are_verified_against_the_body(server, home, tmp_path, capsys, monkeypatch):
+    from torchvision.models import resnet18, resnet50
+
+    torch.manual_seed(0)
+    good = _state_bytes(resnet50(weights=None).state_dict(), tmp_path, "r50.pth")
+    entry = _imagenet_entry(server.serve("/in/resnet50-test.pth", good))
+    assert fetch_pretrained(entry) == download.download_path(entry)
+    assert download.download_path(entry).read_bytes() == good and download.cached_status(entry) == "ready"
+    # init-model --imagenet NAME uses the cached file
+    monkeypatch.setitem(zoo.REGISTRY, entry.name, entry)
+    code, _, err = _cli(["init-model", "mask_rcnn_R_50_FPN", "--imagenet", entry.name, "--out",
+                         str(tmp_path / "init.pt")], capsys)
+    assert code == 0, err
+    _, config, _ = read_checkpoint(tmp_path / "init.pt")
+    assert config.provenance["imagenet_weights"] == "resnet50-test.pth"
+    # another depth under an ImageNet name: refused, nothing kept
+    wrong = _imagenet_entry(server.serve("/in/resnet18-test.pth", _state_bytes(resnet18().state_dict(), tmp_path,
+                                                                               "r18.pth")), name="test-wrong")
+    with pytest.raises(PretrainedError, match="not mask_rcnn_R_50_FPN's ImageNet body"):
+        fetch_pretrained(wrong)
+    assert not download.download_path(wrong).exists()
