@@ -120,7 +120,8 @@ def _write_chunk(fh, data: bytes) -> None:
 
 
 def _offline_hint(url: str, dest: Path) -> str:
-    return f"on a machine without network, download {url} elsewhere and copy it to {dest}"
+    # every message that carries this hint names the URL already
+    return f"without network here, download that file elsewhere and copy it to {dest}"
 
 
 def _looks_like_html(head: bytes) -> bool:
