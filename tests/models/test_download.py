@@ -389,3 +389,18 @@ def test_imagenet_weights_are_verified_against_the_body(server, home, tmp_path, 
     with pytest.raises(PretrainedError, match="not mask_rcnn_R_50_FPN's ImageNet body"):
         fetch_pretrained(wrong)
     assert not download.download_path(wrong).exists()
+
+
+def test_full_disk_while_writing_the_checkpoint_keeps_nothing(server, d2_file, home, monkeypatch):
+    from napari_sartorius.models import checkpoint
+
+    body, cfg, _ = d2_file
+    entry = _entry(server.serve("/fullckpt/model_final.pth", body), cfg, name="test-full")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", no_space)
+    with pytest.raises(PretrainedError, match="cannot write .*test-full.pt .*No space left.*free some space"):
+        fetch_pretrained(entry)
+    assert _files(home) == []
