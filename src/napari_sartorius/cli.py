@@ -235,13 +235,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.architectures import ARCHITECTURES, parameter_count
+    from .models.registry import REGISTRY  # torch-free: the counts are stored, nothing is built
 
-    rows = [(name, parameter_count(name)) for name in ARCHITECTURES]
-    width = max(len(n) for n, _ in rows)
-    print(f"{'architecture'.ljust(width)}  parameters")
-    for name, count in rows:
-        print(f"{name.ljust(width)}  {count / 1e6:7.1f} M")
+    width = max(len(n) for n in REGISTRY)
+    print(f"{'architecture'.ljust(width)}  parameters  description")
+    for name, info in REGISTRY.items():
+        print(f"{name.ljust(width)}  {info.parameters / 1e6:8.1f} M  {info.description}")
     return 0
 
 
