@@ -404,3 +404,39 @@ def test_full_disk_while_writing_the_checkpoint_keeps_nothing(server, d2_file, h
     with pytest.raises(PretrainedError, match="cannot write .*test-full.pt .*No space left.*free some space"):
         fetch_pretrained(entry)
     assert _files(home) == []
+
+
+def test_livecell_entry_end_to_end(server, home, tmp_path, monkeypatch):
+    """The registry's livecell-shsy5y entry with its bundled config, served from loopback: a random
+    LIVECell-architecture checkpoint (ResNeSt-200 cut to a few blocks) in detectron2's names."""
+    import dataclasses
+
+    from napari_sartorius.models import resnest
+    from napari_sartorius.models.architectures import build_model
+    from napari_sartorius.models.class_surgery import inherit_single_class
+    from napari_sartorius.models.d2_config import config_to_model_config, load_d2_config
+
+    monkeypatch.setitem(resnest.RESNEST_BLOCKS, 200, (1, 2, 1, 1))
+    torch.set_num_threads(1)
+    real = zoo.get_entry("livecell-shsy5y")
+    config = config_to_model_config(load_d2_config(real.config), real.classes)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    path = tmp_path / real.filename
+    torch.save({"model": export_to_d2(model, config), "iteration": 30000}, path)
+    body = path.read_bytes()
+    entry = dataclasses.replace(real, url=server.serve("/livecell/" + real.filename, body))
+    monkeypatch.setitem(zoo.REGISTRY, entry.name, entry)
+
+    ckpt = fetch_pretrained("livecell-shsy5y")
+    assert ckpt == home / "checkpoints" / "livecell-shsy5y.pt"
+    loaded, loaded_config = load_checkpoint(ckpt)
+    assert loaded_config.arch == "cascade_mask_rcnn_ResNeSt_200_FPN" and loaded_config.class_names == ("cell",)
+    assert loaded_config.provenance["sha256"] == hashlib.sha256(body).hexdigest()
+    for name, value in model.state_dict().items():
+        if "mask_fcn_logits" in name:  # detectron2 has no background mask channel: imported as zeros
+            assert torch.equal(loaded.state_dict()[name][1:], value[1:]), name
+            continue
+        assert torch.equal(loaded.state_dict()[name], value), name
+    _, cfg3, _ = inherit_single_class(loaded, loaded_config, ("shsy5y", "astro", "cort"))
+    assert loaded.roi_heads.box_predictor[2].cls_score.weight.shape[0] == 4 and cfg3.num_classes == 3
