@@ -85,8 +85,9 @@ def test_only_one_class_models_are_changed(one_class):
     assert inherit_single_class(m3, three, ("a", "b")) is None
 
 
-def test_cascade_stages_expand_and_class_agnostic_boxes_stay():
-    cfg = ModelConfig("cascade_mask_rcnn_X_152_32x8d_FPN", class_names=("cell",))
+@pytest.mark.parametrize("arch", ["cascade_mask_rcnn_X_152_32x8d_FPN", "cascade_mask_rcnn_ResNeSt_200_FPN"])
+def test_cascade_stages_expand_and_class_agnostic_boxes_stay(arch):
+    cfg = ModelConfig(arch, class_names=("cell",))
     with torch.device("meta"):  # shapes only
         model = build_model(cfg)
         _, cfg2, _ = inherit_single_class(model, cfg, NEW)

@@ -32,6 +32,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         body, ctype, send = route
+        if self.path.startswith("/gate/"):  # held until the test opens the gate
+            self.server.gate.wait(30)
         self.send_response(200)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -45,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.routes, httpd.hits = {}, []
+    httpd.routes, httpd.hits, httpd.gate = {}, [], threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -349,3 +351,92 @@ def test_cli_errors_are_one_line(home, capsys, monkeypatch):
     lines = [line for line in err.splitlines() if "error" in line]
     assert code == 1 and len(lines) == 1
     assert entry.url in lines[0] and str(download.download_path(entry)) in lines[0]
+
+
+# -- ImageNet body weights (init-model --imagenet NAME) -----------------------------------------------
+def _imagenet_entry(url, name="test-imagenet") -> PretrainedEntry:
+    return PretrainedEntry(
+        name=name, kind="imagenet", url=url, filename=url.rsplit("/", 1)[1], arch="mask_rcnn_R_50_FPN", classes=(),
+        config=None, size_bytes=None, approx_mb=None, sha256=None, sha256_prefix=None,
+        description="test entry", provenance="written by the tests",
+    )
+
+
+def _state_bytes(state, tmp_path, name):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path.read_bytes()
+
+
+def test_imagenet_weights_are_verified_against_the_body(server, home, tmp_path, capsys, monkeypatch):
+    from torchvision.models import resnet18, resnet50
+
+    torch.manual_seed(0)
+    good = _state_bytes(resnet50(weights=None).state_dict(), tmp_path, "r50.pth")
+    entry = _imagenet_entry(server.serve("/in/resnet50-test.pth", good))
+    assert fetch_pretrained(entry) == download.download_path(entry)
+    assert download.download_path(entry).read_bytes() == good and download.cached_status(entry) == "ready"
+    # init-model --imagenet NAME uses the cached file
+    monkeypatch.setitem(zoo.REGISTRY, entry.name, entry)
+    code, _, err = _cli(["init-model", "mask_rcnn_R_50_FPN", "--imagenet", entry.name, "--out",
+                         str(tmp_path / "init.pt")], capsys)
+    assert code == 0, err
+    _, config, _ = read_checkpoint(tmp_path / "init.pt")
+    assert config.provenance["imagenet_weights"] == "resnet50-test.pth"
+    # another depth under an ImageNet name: refused, nothing kept
+    wrong = _imagenet_entry(server.serve("/in/resnet18-test.pth", _state_bytes(resnet18().state_dict(), tmp_path,
+                                                                               "r18.pth")), name="test-wrong")
+    with pytest.raises(PretrainedError, match="not mask_rcnn_R_50_FPN's ImageNet body"):
+        fetch_pretrained(wrong)
+    assert not download.download_path(wrong).exists()
+
+
+def test_full_disk_while_writing_the_checkpoint_keeps_nothing(server, d2_file, home, monkeypatch):
+    from napari_sartorius.models import checkpoint
+
+    body, cfg, _ = d2_file
+    entry = _entry(server.serve("/fullckpt/model_final.pth", body), cfg, name="test-full")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", no_space)
+    with pytest.raises(PretrainedError, match="cannot write .*test-full.pt .*No space left.*free some space"):
+        fetch_pretrained(entry)
+    assert _files(home) == []
+
+
+def test_livecell_entry_end_to_end(server, home, tmp_path, monkeypatch):
+    """The registry's livecell-shsy5y entry with its bundled config, served from loopback: a random
+    LIVECell-architecture checkpoint (ResNeSt-200 cut to a few blocks) in detectron2's names."""
+    import dataclasses
+
+    from napari_sartorius.models import resnest
+    from napari_sartorius.models.architectures import build_model
+    from napari_sartorius.models.class_surgery import inherit_single_class
+    from napari_sartorius.models.d2_config import config_to_model_config, load_d2_config
+
+    monkeypatch.setitem(resnest.RESNEST_BLOCKS, 200, (1, 2, 1, 1))
+    torch.set_num_threads(1)
+    real = zoo.get_entry("livecell-shsy5y")
+    config = config_to_model_config(load_d2_config(real.config), real.classes)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    path = tmp_path / real.filename
+    torch.save({"model": export_to_d2(model, config), "iteration": 30000}, path)
+    body = path.read_bytes()
+    entry = dataclasses.replace(real, url=server.serve("/livecell/" + real.filename, body))
+    monkeypatch.setitem(zoo.REGISTRY, entry.name, entry)
+
+    ckpt = fetch_pretrained("livecell-shsy5y")
+    assert ckpt == home / "checkpoints" / "livecell-shsy5y.pt"
+    loaded, loaded_config = load_checkpoint(ckpt)
+    assert loaded_config.arch == "cascade_mask_rcnn_ResNeSt_200_FPN" and loaded_config.class_names == ("cell",)
+    assert loaded_config.provenance["sha256"] == hashlib.sha256(body).hexdigest()
+    for name, value in model.state_dict().items():
+        if "mask_fcn_logits" in name:  # detectron2 has no background mask channel: imported as zeros
+            assert torch.equal(loaded.state_dict()[name][1:], value[1:]), name
+            continue
+        assert torch.equal(loaded.state_dict()[name], value), name
+    _, cfg3, _ = inherit_single_class(loaded, loaded_config, ("shsy5y", "astro", "cort"))
+    assert loaded.roi_heads.box_predictor[2].cls_score.weight.shape[0] == 4 and cfg3.num_classes == 3

@@ -61,8 +61,10 @@ _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body", b"<er
 ProgressFn = Callable[[int, "int | None"], None]
 
 
-class PretrainedError(RuntimeError):
-    """A pretrained model cannot be obtained or used; the message is one line that says what to do."""
+class PretrainedError(Exception):
+    """A pretrained model cannot be obtained or used; the message is one line that says what to do.
+
+    (Not a RuntimeError: napari's workers swallow RuntimeErrors raised in a generator as "aborted".)"""
 
 
 class DownloadCancelled(PretrainedError):
@@ -118,7 +120,8 @@ def _write_chunk(fh, data: bytes) -> None:
 
 
 def _offline_hint(url: str, dest: Path) -> str:
-    return f"on a machine without network, download {url} elsewhere and copy it to {dest}"
+    # every message that carries this hint names the URL already
+    return f"without network here, download that file elsewhere and copy it to {dest}"
 
 
 def _looks_like_html(head: bytes) -> bool:

@@ -118,7 +118,7 @@ _LIVECELL_LINES = (
 )
 
 #: Where the LIVECell configs live among the bundled detectron2 configs.
-LIVECELL_CONFIG_DIR = "LIVECell/anchor_based"
+LIVECELL_CONFIG_DIR = "anchor_based"
 
 
 def _livecell_entries() -> list[PretrainedEntry]:
