@@ -62,3 +62,10 @@ def test_resume_skips_finished_images_and_failures_exit_1(images, tmp_path, caps
     assert code == 0, err
     assert "2 already done" in err and "[1/1] im1.png" in err and "for 3 image(s)" in out
     assert not (tmp_path / "o" / "failures.txt").exists()
+
+
+def test_bad_batch_or_workers_is_one_line(images, tmp_path, capsys):
+    code, _, err = run(capsys, "segment", images, "--out", tmp_path / "o", "--batch", 0)
+    assert code == 2 and "--batch 0" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "segment", images, "--out", tmp_path / "o", "--workers", -1)
+    assert code == 2 and "--workers -1" in err

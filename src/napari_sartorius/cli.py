@@ -191,6 +191,10 @@ def cmd_segment(args) -> int:
     from .training import distributed
 
     args.cell_type = check_cell_type(args.cell_type)
+    for opt in ("batch", "workers"):
+        value = getattr(args, opt, None)
+        if value is not None and value < (1 if opt == "batch" else 0):
+            raise CLIError(f"--{opt} {value}: give at least {1 if opt == 'batch' else 0}")
     images = collect_images(args.inputs)
     out = output_folder(args.out)
     ctx = distributed.init_from_env(args.device)  # None unless launched by torchrun with several ranks
@@ -207,7 +211,8 @@ def cmd_segment(args) -> int:
                 f"TTA {args.tta}, ensemble {args.ensemble}, device {device}{ranks}")
         settings = FolderSettings(tta=args.tta, ensemble=args.ensemble, iou=args.iou,
                                   weights=None if weights is None else tuple(weights),
-                                  cell_type=args.cell_type, raw=args.raw)
+                                  cell_type=args.cell_type, raw=args.raw,
+                                  batch=args.batch if args.batch is not None else (4 if device.startswith("cuda") else 1))
         result = segment_folder(images, engines, out, settings, group=group, resume=args.resume,
                                 workers=workers, say=say)
     finally:
@@ -427,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "no post-processing (for COCO-style evaluation); no label images")
     s.add_argument("--resume", action="store_true",
                    help="skip the images an earlier (stopped) run into --out finished")
+    s.add_argument("--batch", type=int, metavar="N",
+                   help="images per network pass for one model without TTA (default 4 on a GPU, 1 on the CPU)")
     s.add_argument("--workers", type=int, metavar="N",
                    help="processes decoding images ahead of the models (default 2 on a GPU, 0 on the CPU)")
     s.set_defaults(func=cmd_segment)

@@ -233,3 +233,28 @@ def test_a_multi_plane_tiff_gives_a_label_stack_and_one_result_per_plane(tmp_pat
     assert {p["file_name"] for p in preds} == {"stack_z0.tif", "stack_z1.tif", "stack_z2.tif"}
     assert {p["image_id"] for p in preds} == {1, 2, 3}
     assert sum(p["file_name"] == "stack_z1.tif" for p in preds) == len(ids[1])
+
+
+def test_several_images_per_pass_give_the_same_results(tmp_path, fakes):
+    from skimage.io import imsave
+
+    d = tmp_path / "blobs"
+    d.mkdir()
+    for k in range(5):
+        imsave(d / f"b{k}.png", fakes.blob_image(seed=k), check_contrast=False)
+    imsave(d / "b5.png", fakes.blob_image(shape=(80, 90), seed=5), check_contrast=False)  # another size
+    imgs = sorted(d.glob("*.png"))
+    one, three = fakes.BlobEngine(), fakes.BlobEngine()
+    segment_folder(imgs, [one], tmp_path / "one", say=quiet)
+    said = []
+    segment_folder(imgs, [three], tmp_path / "three", FolderSettings(batch=3), say=said.append)
+    assert one.batch_sizes == [1] * 6 and three.batch_sizes == [3, 2, 1]
+    assert predictions(tmp_path / "one") == predictions(tmp_path / "three") != []
+    assert sum("(3 images per pass)" in line for line in said) == 3
+    for k in range(6):
+        assert np.array_equal(read_label_image(tmp_path / "one" / f"b{k}_labels.tif"),
+                              read_label_image(tmp_path / "three" / f"b{k}_labels.tif"))
+    # with TTA or an ensemble, images go one at a time (their variants form the batch)
+    flips = fakes.BlobEngine()
+    segment_folder(imgs[:2], [flips], tmp_path / "flips", FolderSettings(batch=3, tta="flips"), say=quiet)
+    assert flips.batch_sizes == [4, 4]

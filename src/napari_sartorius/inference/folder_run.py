@@ -86,6 +86,8 @@ class FolderSettings:
             (``tta``, ``ensemble``, ``iou_thr``, ``weights``).
         cell_type: None (each plane's majority predicted class) or a class name.
         raw: write every raw instance (no post-processing, overlaps kept) and no label images.
+        batch: images per network pass for one engine without TTA: consecutive 2-D images of one size
+            (not tiled) go through ``predict_batch`` together, which keeps a GPU busy (default 1).
     """
 
     tta: str = "none"
@@ -94,6 +96,7 @@ class FolderSettings:
     weights: tuple[float, ...] | None = None
     cell_type: str | None = None
     raw: bool = False
+    batch: int = 1
 
 
 @dataclass
@@ -432,18 +435,26 @@ def _plane_records(inst, key: str, class_names, cell_type) -> list[dict]:
 def _segment_planes(planes: np.ndarray, path: Path, engines, settings: FolderSettings, on_step):
     """Per plane ``(labels or None, records, cell type, n cells, (H, W))``."""
     from ..inference.segment import run_to_completion, segment_image
-    from ..postprocess import PostprocessSettings, majority_class, postprocess
 
-    class_names = tuple(engines[0].class_names)
-    post = PostprocessSettings(class_names=class_names, cell_type=settings.cell_type)
-    out = []
-    offset = 0
-    for z, plane in enumerate(planes):
-        raw = run_to_completion(
+    raws = [
+        run_to_completion(
             segment_image(plane, engines, weights=settings.weights, tta=settings.tta, ensemble=settings.ensemble,
                           iou_thr=settings.iou, plane=z if len(planes) > 1 else None),
             on_step,
         )
+        for z, plane in enumerate(planes)
+    ]
+    return _finish_planes(raws, planes, path, tuple(engines[0].class_names), settings)
+
+
+def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings):
+    """Post-process the raw instances of each plane: ``(labels or None, records, cell type, n, (H, W))``."""
+    from ..postprocess import PostprocessSettings, majority_class, postprocess
+
+    post = PostprocessSettings(class_names=class_names, cell_type=settings.cell_type)
+    out = []
+    offset = 0
+    for z, (raw, plane) in enumerate(zip(raws, planes)):
         labels = None
         if settings.raw:
             inst = raw
@@ -463,6 +474,42 @@ def _segment_planes(planes: np.ndarray, path: Path, engines, settings: FolderSet
         name = _plane_name(path, z, len(planes))
         out.append((labels, _plane_records(inst, name, class_names, ctype), ctype, len(inst), plane.shape[:2]))
     return out
+
+
+def _batched(items: Iterator[_Decoded], engines, settings: FolderSettings) -> Iterator[list[_Decoded]]:
+    """Groups of decoded files run in one pass: up to ``settings.batch`` consecutive 2-D images of one
+    size when one engine runs without TTA and the image needs no tiles; any other file alone."""
+    from .tiling import DEFAULT_MAX_TILE, needs_tiling
+
+    can = settings.batch > 1 and len(engines) == 1 and settings.tta == "none"
+    group: list[_Decoded] = []
+    for item in items:
+        ok = (can and item.error is None and item.planes.shape[0] == 1
+              and not needs_tiling(item.planes.shape[1:3], DEFAULT_MAX_TILE))
+        if group and (not ok or item.planes.shape[1:] != group[0].planes.shape[1:] or len(group) >= settings.batch):
+            yield group
+            group = []
+        if ok:
+            group.append(item)
+        else:
+            yield [item]
+    if group:
+        yield group
+
+
+def _segment_group(group: list[_Decoded], engines, settings: FolderSettings, on_step) -> list:
+    """Per file of the group: its plane tuples (see :func:`_finish_planes`), or the ValueError raised."""
+    if len(group) == 1:
+        item = group[0]
+        try:
+            return [_segment_planes(item.planes, item.path, engines, settings, on_step)]
+        except ValueError as exc:  # a bad image (shape, values): skip it, keep going
+            return [exc]
+    from .tta import predict_checked
+
+    raws = predict_checked(engines[0], [item.planes[0] for item in group])  # one pass for the group
+    names = tuple(engines[0].class_names)
+    return [_finish_planes([raw], item.planes, item.path, names, settings) for raw, item in zip(raws, group)]
 
 
 def segment_folder(
@@ -561,34 +608,36 @@ def _run_share(images, engines, out, settings, group, resume, workers, say, tag)
 
     try:
         with open(part, "ab") as part_fh, open(failures, "ab") as fail_fh:
-            for k, item in enumerate(_decoded(todo, workers), 1):
+            k = 0
+            for group in _batched(_decoded(todo, workers), engines, settings):
                 t0 = time.perf_counter()
-                where = f"{tag}[{k}/{len(todo)}] {item.path.name}"
-                if item.error is None:
-                    try:
-                        planes = _segment_planes(item.planes, item.path, engines, settings, on_step)
-                    except ValueError as exc:  # a bad image (shape, values): skip it, keep going
-                        item.error = str(exc).strip().splitlines()[0] if str(exc).strip() else "ValueError"
+                results = _segment_group(group, engines, settings, on_step) if group[0].error is None else [None]
                 first[0] = False
-                if item.error is not None:
-                    say(f"{where}: skipped, {item.error}")
-                    _append_line(fail_fh, {"file": item.path.name, "error": item.error})
-                    result.failed.append((item.path.name, item.error))
-                    continue
-                label_path = out / f"{item.path.stem}_labels.tif"
-                if not settings.raw:
-                    _write_label_stack([pl[0] for pl in planes], label_path)
-                record = {
-                    "file": item.path.name,
-                    "planes": [{"name": _plane_name(item.path, z, len(planes)), "size": list(pl[4]),
-                                "cell_type": pl[2], "results": pl[1]} for z, pl in enumerate(planes)],
-                }
-                _append_line(part_fh, record)
-                result.processed += 1
-                cells = sum(pl[3] for pl in planes)
-                zs = f" in {len(planes)} planes" if len(planes) > 1 else ""
-                say(f"{where}: {cells} cells{zs} in {time.perf_counter() - t0:.1f} s")
-                del item, planes
+                seconds = (time.perf_counter() - t0) / len(group)
+                for item, planes in zip(group, results):
+                    k += 1
+                    where = f"{tag}[{k}/{len(todo)}] {item.path.name}"
+                    if isinstance(planes, ValueError):
+                        item.error = str(planes).strip().splitlines()[0] if str(planes).strip() else "ValueError"
+                    if item.error is not None:
+                        say(f"{where}: skipped, {item.error}")
+                        _append_line(fail_fh, {"file": item.path.name, "error": item.error})
+                        result.failed.append((item.path.name, item.error))
+                        continue
+                    if not settings.raw:
+                        _write_label_stack([pl[0] for pl in planes], out / f"{item.path.stem}_labels.tif")
+                    record = {
+                        "file": item.path.name,
+                        "planes": [{"name": _plane_name(item.path, z, len(planes)), "size": list(pl[4]),
+                                    "cell_type": pl[2], "results": pl[1]} for z, pl in enumerate(planes)],
+                    }
+                    _append_line(part_fh, record)
+                    result.processed += 1
+                    cells = sum(pl[3] for pl in planes)
+                    zs = f" in {len(planes)} planes" if len(planes) > 1 else ""
+                    per = f" ({len(group)} images per pass)" if len(group) > 1 else ""
+                    say(f"{where}: {cells} cells{zs} in {seconds:.1f} s{per}")
+                del group, results
     except OSError as exc:
         if _disk_full(exc):
             raise _disk_full_error(Path(exc.filename) if exc.filename else out, exc) from None
