@@ -192,6 +192,9 @@ def cmd_segment(args) -> int:
               f"TTA {args.tta}, ensemble {args.ensemble}, device {device}")
     preds = _segment_files(images, engines, args)
     pred_path = _write_predictions(preds, out)
+    from .inference.uncertainty import summarize_predictions, write_summary_csv
+
+    write_summary_csv(summarize_predictions(preds), out / "summary.csv")  # which images to correct first
     n = sum(len(im.instances) for im in preds)
     what = "raw predictions" if args.raw else "label images and predictions"
     print(f"wrote {what} for {len(images)} image(s), {n} cells, to {out} ({pred_path.name})")
@@ -380,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment images into label images and COCO results")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    s.add_argument("--out", required=True, help="output folder: <stem>_labels.tif and predictions.json")
+    s.add_argument("--out", required=True,
+                   help="output folder: <stem>_labels.tif, predictions.json and summary.csv (cells, uncertainty)")
     s.add_argument("--model", action="append", metavar="CKPT",
                    help="checkpoint file, or 'classical' for the weight-free engine; repeat for an ensemble "
                    "(default: classical)")

@@ -46,6 +46,7 @@ __all__ = [
     "ClusterAgreement",
     "ImageSummary",
     "image_summary",
+    "summarize_predictions",
     "write_summary_csv",
     "read_summary_csv",
     "order_by_uncertainty",
@@ -187,11 +188,25 @@ def image_summary(image: str, uncertainty: np.ndarray | None, count: int | None 
     if uncertainty is None:
         return ImageSummary(str(image), int(count or 0), None, None)
     u = np.asarray(uncertainty, np.float64).reshape(-1)
-    u = u[np.isfinite(u)]
     n = int(count if count is not None else u.size)
+    u = u[np.isfinite(u)]
     if not u.size:
         return ImageSummary(str(image), n, None, None)
     return ImageSummary(str(image), n, float(u.mean()), float(np.percentile(u, 90)))
+
+
+def summarize_predictions(images: Iterable) -> list[ImageSummary]:
+    """One :class:`ImageSummary` per image of per-image results: an
+    :class:`~napari_sartorius.annotations.AnnotationSet` (or any iterable of its ``ImageAnnotations``,
+    named by ``file_name`` else ``image_id``) or of ``(name, Instances)`` pairs."""
+    out = []
+    for item in images:
+        if isinstance(item, tuple):
+            name, inst = item
+        else:
+            name, inst = (item.file_name or item.image_id), item.instances
+        out.append(image_summary(name, inst.uncertainty, count=len(inst)))
+    return out
 
 
 SUMMARY_HEADER = ("image", "cells", "mean_uncertainty", "p90_uncertainty")
