@@ -248,7 +248,7 @@ class ReviewPanel(Container):
         camera = _camera(viewer)
         camera.center = tuple(centre[-2:])
         extent = float(max(hi[-1] - lo[-1], hi[-2] - lo[-2], 8.0)) * float(max(abs(layer.scale[-1]), 1e-9))
-        camera.zoom = float(np.clip(100.0 / extent, 0.5, 20.0))
+        camera.zoom = float(np.clip(60.0 / extent, 0.5, 20.0))
         layer.selected_label = int(label)
         viewer.layers.selection.active = layer
 
