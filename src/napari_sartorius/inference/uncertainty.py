@@ -47,6 +47,7 @@ __all__ = [
     "ImageSummary",
     "image_summary",
     "summarize_predictions",
+    "summary_from_features",
     "write_summary_csv",
     "read_summary_csv",
     "order_by_uncertainty",
@@ -209,6 +210,20 @@ def summarize_predictions(images: Iterable) -> list[ImageSummary]:
             name, inst = (item.file_name or item.image_id), item.instances
         out.append(image_summary(name, inst.uncertainty, count=len(inst)))
     return out
+
+
+def summary_from_features(name: str, features) -> ImageSummary:
+    """The :class:`ImageSummary` of a Labels layer from its features table (dict or DataFrame): its
+    ``uncertainty`` column when there is one (rows without a value are skipped), else undefined.
+    For the Fine-tune dock, which holds image/labels layer pairs rather than files."""
+    try:
+        cols = set(features.keys()) if features is not None else set()
+    except AttributeError:
+        cols = set()
+    n = len(np.asarray(features["label"])) if "label" in cols else 0
+    if "uncertainty" not in cols:
+        return ImageSummary(str(name), n, None, None)
+    return image_summary(name, np.asarray(features["uncertainty"], np.float64), count=n)
 
 
 SUMMARY_HEADER = ("image", "cells", "mean_uncertainty", "p90_uncertainty")
