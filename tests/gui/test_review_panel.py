@@ -178,3 +178,28 @@ def test_shortcuts_and_uncertain_points(viewer_and_dock):
     panel.next_cell()
     panel.accept()
     assert len(panel.mark_uncertain().data) == 2
+
+
+def test_a_run_with_tta_fills_the_queue(qtbot, make_napari_viewer):
+    """Uncertainty flows from fusion to the layer's features and the panel (weight-free engine, flips)."""
+    from napari_sartorius.synthetic import make_sample
+
+    viewer = make_napari_viewer()
+    viewer.add_image(make_sample("cort", seed=3, shape=(128, 160)).image, name="cells")
+    dock = SegmentCellsWidget(viewer)
+    for row in dock.class_rows:
+        row.score.value = 0.05
+    dock.tta.value = "flips"
+    dock.cell_type.value = "cort"
+    assert dock.run() is not None
+    qtbot.waitUntil(lambda: not dock.is_running, timeout=60_000)
+    assert dock.last_error is None, dock.last_error
+    feats = dock.labels_layer.features
+    assert len(feats) > 0
+    assert {"uncertainty", "found", "mask_iou", "score_spread", "reviewed"} <= set(feats.columns)
+    assert feats["uncertainty"].between(0, 1).all() and not feats.isna().any().any()
+    assert dock.review.counter.value.startswith("reviewed 0 of ")
+    dock.review.threshold.value = 0.0  # every cell flagged
+    assert dock.review.counter.value == f"reviewed 0 of {len(feats)} flagged"
+    first = dock.review.next_cell()
+    assert first == int(feats.sort_values(["uncertainty", "label"], ascending=[False, True])["label"].iloc[0])
