@@ -99,8 +99,11 @@ class ClusterAgreement:
         self._starts = self._ends - sizes
         flat = np.concatenate([m.ravel() for m in masks]) if masks else np.zeros(0, np.float32)
         self._bits = flat >= self.thr
-        cum = np.concatenate([[0], np.cumsum(self._bits, dtype=np.int64)])
-        self.areas = cum[self._ends] - cum[self._starts]
+        # crops are never empty (at least 1 x 1), so reduceat's segments are the crops
+        self.areas = (
+            np.add.reduceat(self._bits.view(np.uint8), self._starts, dtype=np.int64)
+            if len(masks) else np.zeros(0, np.int64)
+        )
         self._starts_l = self._starts.tolist()
         self._cell: list[int] = []
         self._member: list[int] = []
