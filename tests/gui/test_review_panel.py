@@ -203,3 +203,26 @@ def test_a_run_with_tta_fills_the_queue(qtbot, make_napari_viewer):
     assert dock.review.counter.value == f"reviewed 0 of {len(feats)} flagged"
     first = dock.review.next_cell()
     assert first == int(feats.sort_values(["uncertainty", "label"], ascending=[False, True])["label"].iloc[0])
+
+
+def test_review_of_a_stack_moves_the_slider_to_the_cells_plane(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.full((2,) + SHAPE, 100, np.uint8), name="stack")
+    dock = SegmentCellsWidget(viewer)
+    for row in dock.class_rows:
+        row.score.value = 0.0
+        row.min_area.value = 0
+    dock.review.threshold.value = 0.2
+    calm = raw_cells()
+    calm.columns = {"uncertainty": np.zeros(len(CELLS), np.float32)}
+    dock.set_predictions([calm, raw_cells()], DEFAULT_CLASSES, image, lead_shape=(2,))
+    layer = dock.labels_layer
+    assert layer.data.shape == (2,) + SHAPE
+    assert dock.review.counter.value == "reviewed 0 of 3 flagged"
+    label = dock.review.next_cell()
+    plane = int(layer.features.set_index("label").loc[label, "plane"])
+    assert plane == 1 and viewer.dims.current_step[0] == 1
+    dock.review.accept()
+    dock.rerender()
+    reviewed = layer.features[layer.features["reviewed"]]
+    assert reviewed["label"].tolist() == [label] and reviewed["plane"].tolist() == [1]
