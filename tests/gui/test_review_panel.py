@@ -226,3 +226,17 @@ def test_review_of_a_stack_moves_the_slider_to_the_cells_plane(make_napari_viewe
     dock.rerender()
     reviewed = layer.features[layer.features["reviewed"]]
     assert reviewed["label"].tolist() == [label] and reviewed["plane"].tolist() == [1]
+
+
+def test_finetune_pairs_can_be_ordered_by_uncertainty(make_napari_viewer):
+    from napari_sartorius._widgets._review_panel import order_pairs_by_uncertainty
+
+    viewer = make_napari_viewer()
+    img = viewer.add_image(np.zeros(SHAPE, np.uint8), name="img")
+    lab = np.zeros(SHAPE, np.uint16)
+    lab[:5, :5] = 1
+    calm = viewer.add_labels(lab, name="calm", features={"label": [1], "uncertainty": [0.1]})
+    wild = viewer.add_labels(lab, name="wild", features={"label": [1], "uncertainty": [0.7]})
+    hand = viewer.add_labels(lab, name="hand")
+    pairs = [(img, hand), (img, calm), (img, wild)]
+    assert [p[1].name for p in order_pairs_by_uncertainty(pairs)] == ["wild", "calm", "hand"]
