@@ -178,3 +178,65 @@ def test_shortcuts_and_uncertain_points(viewer_and_dock):
     panel.next_cell()
     panel.accept()
     assert len(panel.mark_uncertain().data) == 2
+
+
+def test_a_run_with_tta_fills_the_queue(qtbot, make_napari_viewer):
+    """Uncertainty flows from fusion to the layer's features and the panel (weight-free engine, flips)."""
+    from napari_sartorius.synthetic import make_sample
+
+    viewer = make_napari_viewer()
+    viewer.add_image(make_sample("cort", seed=3, shape=(128, 160)).image, name="cells")
+    dock = SegmentCellsWidget(viewer)
+    for row in dock.class_rows:
+        row.score.value = 0.05
+    dock.tta.value = "flips"
+    dock.cell_type.value = "cort"
+    assert dock.run() is not None
+    qtbot.waitUntil(lambda: not dock.is_running, timeout=60_000)
+    assert dock.last_error is None, dock.last_error
+    feats = dock.labels_layer.features
+    assert len(feats) > 0
+    assert {"uncertainty", "found", "mask_iou", "score_spread", "reviewed"} <= set(feats.columns)
+    assert feats["uncertainty"].between(0, 1).all() and not feats.isna().any().any()
+    assert dock.review.counter.value.startswith("reviewed 0 of ")
+    dock.review.threshold.value = 0.0  # every cell flagged
+    assert dock.review.counter.value == f"reviewed 0 of {len(feats)} flagged"
+    first = dock.review.next_cell()
+    assert first == int(feats.sort_values(["uncertainty", "label"], ascending=[False, True])["label"].iloc[0])
+
+
+def test_review_of_a_stack_moves_the_slider_to_the_cells_plane(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.full((2,) + SHAPE, 100, np.uint8), name="stack")
+    dock = SegmentCellsWidget(viewer)
+    for row in dock.class_rows:
+        row.score.value = 0.0
+        row.min_area.value = 0
+    dock.review.threshold.value = 0.2
+    calm = raw_cells()
+    calm.columns = {"uncertainty": np.zeros(len(CELLS), np.float32)}
+    dock.set_predictions([calm, raw_cells()], DEFAULT_CLASSES, image, lead_shape=(2,))
+    layer = dock.labels_layer
+    assert layer.data.shape == (2,) + SHAPE
+    assert dock.review.counter.value == "reviewed 0 of 3 flagged"
+    label = dock.review.next_cell()
+    plane = int(layer.features.set_index("label").loc[label, "plane"])
+    assert plane == 1 and viewer.dims.current_step[0] == 1
+    dock.review.accept()
+    dock.rerender()
+    reviewed = layer.features[layer.features["reviewed"]]
+    assert reviewed["label"].tolist() == [label] and reviewed["plane"].tolist() == [1]
+
+
+def test_finetune_pairs_can_be_ordered_by_uncertainty(make_napari_viewer):
+    from napari_sartorius._widgets._review_panel import order_pairs_by_uncertainty
+
+    viewer = make_napari_viewer()
+    img = viewer.add_image(np.zeros(SHAPE, np.uint8), name="img")
+    lab = np.zeros(SHAPE, np.uint16)
+    lab[:5, :5] = 1
+    calm = viewer.add_labels(lab, name="calm", features={"label": [1], "uncertainty": [0.1]})
+    wild = viewer.add_labels(lab, name="wild", features={"label": [1], "uncertainty": [0.7]})
+    hand = viewer.add_labels(lab, name="hand")
+    pairs = [(img, hand), (img, calm), (img, wild)]
+    assert [p[1].name for p in order_pairs_by_uncertainty(pairs)] == ["wild", "calm", "hand"]

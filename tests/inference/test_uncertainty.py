@@ -143,3 +143,12 @@ def test_order_by_uncertainty_puts_the_most_uncertain_images_first():
     pairs = [("unknown", 1), ("calm", 2), ("missing", 3), ("wild", 4)]
     ordered = order_by_uncertainty(pairs, key_of=lambda p: p[0], summaries=summaries)
     assert [p[0] for p in ordered] == ["wild", "calm", "unknown", "missing"]
+
+
+def test_summary_from_a_layers_features():
+    from napari_sartorius.inference.uncertainty import summary_from_features
+
+    s = summary_from_features("img", {"label": [1, 2, 3], "uncertainty": [0.2, np.nan, 0.4]})
+    assert s.count == 3 and s.mean == pytest.approx(0.3)
+    assert summary_from_features("plain", {"label": [1, 2]}) == ImageSummary("plain", 2, None, None)
+    assert summary_from_features("none", None) == ImageSummary("none", 0, None, None)

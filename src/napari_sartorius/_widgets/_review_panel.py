@@ -30,7 +30,7 @@ from magicgui.widgets import Container, FloatSpinBox, Label, PushButton
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["ReviewPanel", "RenderedReview", "DEFAULT_FLAG_THRESHOLD", "SHORTCUTS"]
+__all__ = ["ReviewPanel", "RenderedReview", "DEFAULT_FLAG_THRESHOLD", "SHORTCUTS", "order_pairs_by_uncertainty"]
 
 #: Cells with an uncertainty at or above this are flagged for review (see bench_review.py).
 DEFAULT_FLAG_THRESHOLD = 0.2
@@ -248,7 +248,7 @@ class ReviewPanel(Container):
         camera = _camera(viewer)
         camera.center = tuple(centre[-2:])
         extent = float(max(hi[-1] - lo[-1], hi[-2] - lo[-2], 8.0)) * float(max(abs(layer.scale[-1]), 1e-9))
-        camera.zoom = float(np.clip(100.0 / extent, 0.5, 20.0))
+        camera.zoom = float(np.clip(60.0 / extent, 0.5, 20.0))
         layer.selected_label = int(label)
         viewer.layers.selection.active = layer
 
@@ -317,3 +317,17 @@ class ReviewPanel(Container):
             self._viewer.layers.selection.active = layer
         pts.face_contrast_limits = (0.0, 1.0)
         return pts
+
+
+def order_pairs_by_uncertainty(pairs: list, labels_of=lambda pair: pair[1]) -> list:
+    """The Fine-tune dock's hook: image/labels pairs ordered most uncertain first.
+
+    ``labels_of(pair)`` gives the pair's Labels layer; its features' ``uncertainty`` column is summarised
+    (:func:`~napari_sartorius.inference.uncertainty.summary_from_features`: 90th percentile, then mean);
+    pairs whose labels have no uncertainty keep their order at the end.
+    """
+    from ..inference.uncertainty import order_by_uncertainty, summary_from_features
+
+    keys = {id(p): f"{k}" for k, p in enumerate(pairs)}
+    summaries = {keys[id(p)]: summary_from_features(keys[id(p)], getattr(labels_of(p), "features", None)) for p in pairs}
+    return order_by_uncertainty(pairs, key_of=lambda p: keys[id(p)], summaries=summaries)

@@ -12,6 +12,11 @@ Live controls:
     per plane). Every live control re-renders them through
     :func:`napari_sartorius.postprocess.postprocess`, never through a model.
 
+Review: with several models or TTA every cell has an uncertainty (a features column); the embedded
+:class:`~napari_sartorius._widgets._review_panel.ReviewPanel` visits the most uncertain cells first.
+Its accept / delete marks on the dock's unedited result layer are recorded against the raw predictions
+(``reviewed`` column, deleted cells excluded from post-processing), so re-renders keep them.
+
 User edits are never overwritten: the dock keeps a copy of the array it last rendered; when the
 layer's data differs from it (painted, erased, filled, replaced) or the layer was deleted, the next
 render goes to a new Labels layer and the edited one is left as it is.

@@ -217,8 +217,8 @@ def _average_masks(members: list, weights: list, masks: list, origins: list):
     return acc, (y0, x0)
 
 
-def _groups(assign: np.ndarray, n_clusters: int, r: np.ndarray):
-    """Candidate indices (rows of the flat table) of each cluster, as (flat list, bounds list)."""
+def _groups(assign: np.ndarray, n_clusters: int):
+    """Visiting positions of each cluster's members, grouped: (positions, bounds list)."""
     ok = assign >= 0
     pos = np.flatnonzero(ok)
     pos = pos[np.argsort(assign[pos], kind="stable")]
@@ -229,7 +229,7 @@ def _groups(assign: np.ndarray, n_clusters: int, r: np.ndarray):
 def _assemble(c: _Candidates, cls, r, result, average_masks: bool, agreement: ClusterAgreement | None, out: dict):
     """Masks (and uncertainty) of one class's clusters, appended to ``out``."""
     assign, fb, fs, reps, support = result
-    pos, bounds = _groups(assign, len(reps), r)
+    pos, bounds = _groups(assign, len(reps))
     member_rows = r[pos].tolist()
     member_w = (c.scores[r] * c.wt[r])[pos].tolist()
     top_rows = r[reps].tolist()

@@ -14,7 +14,8 @@ output folder:
   run goes on, and a resumed run tries them again);
 * at the end, rank 0 (after every rank has finished its share) merges the parts, in input order, into
   ``predictions.json`` (a COCO results list, image ids 1, 2, ... over the files' planes; written to a
-  temporary name and renamed) and the failures into ``failures.txt``.
+  temporary name and renamed), the failures into ``failures.txt`` and a per-image ``summary.csv`` (cell
+  count, mean and 90th-percentile uncertainty, :mod:`.uncertainty`).
 
 Memory stays flat: predictions go to disk image by image, and the merge holds one line at a time plus
 an index of (file, offset) per image.
@@ -46,6 +47,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..io.atomic import atomic_path, atomic_write
+from .uncertainty import image_summary, write_summary_csv
 
 __all__ = [
     "FolderSettings",
@@ -64,6 +66,7 @@ LOCK_NAME = ".segment.lock"
 PARTS_DIR = "parts"
 PREDICTIONS = "predictions.json"
 FAILURES = "failures.txt"
+SUMMARY = "summary.csv"
 #: A step inside an image is shown when this many seconds passed since the last line (display only).
 STEP_LINE_SECONDS = 5.0
 
@@ -676,6 +679,7 @@ def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, in
         )
     path = out / PREDICTIONS
     n_planes = n_cells = 0
+    summary = []
     handles: dict[Path, object] = {}
     try:
         with atomic_write(path, "w") as fh:
@@ -690,12 +694,19 @@ def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, in
                 rec = json.loads(src.read(n))
                 for plane in rec["planes"]:
                     n_planes += 1
+                    unc = []
                     for r in plane["results"]:
                         r = dict(r, image_id=n_planes, file_name=plane["name"])
                         fh.write(sep + json.dumps(r, separators=(",", ":")))
                         sep = ",\n"
                         n_cells += 1
+                        if r.get("uncertainty") is not None:
+                            unc.append(float(r["uncertainty"]))
+                    defined = bool(unc) and len(unc) == len(plane["results"])
+                    summary.append(image_summary(plane["name"], np.asarray(unc) if defined else None,
+                                                 count=len(plane["results"])))
             fh.write("]\n")
+        write_summary_csv(summary, out / SUMMARY)  # which images to correct first
         fail_path = out / FAILURES
         if failed:
             with atomic_write(fail_path, "w") as fh:
