@@ -391,7 +391,10 @@ def load_mmdet_model(
     else:
         text = _config_text(meta)
         if text is None:
-            raise MMDetImportError(f"{source} has no config in its meta: give the .py config it was trained with (--config)")
+            raise MMDetImportError(
+                f"{source} has no config in its meta: import it with the .py config it was trained with, "
+                "`napari-sartorius import-mmdet WEIGHTS --config CONFIG.py --out CKPT`"
+            )
         cfg = load_mmdet_config(text=text, source=f"{Path(source).name} meta config")
         cfg_source = "checkpoint meta"
     warnings: list[str] = []
