@@ -137,7 +137,8 @@ def _set(cfg, dotted: str, value):
         ("model.roi_head.type", "HybridTaskCascadeRoIHead", "HTC"),
         ("model.backbone.type", "ResNeSt", "model.backbone.type"),
         ("model.backbone.depth", 152, "model.backbone.depth"),
-        ("model.backbone.dcn", {"type": "DCN"}, "model.backbone.dcn"),
+        ("model.backbone.dcn", {"type": "DCNv3"}, "model.backbone.dcn.type"),
+        ("model.backbone.dcn", {"type": "DCN", "fallback_on_stride": True}, "fallback_on_stride"),
         ("model.backbone.deep_stem", True, "deep_stem"),
         ("model.neck.add_extra_convs", "on_input", "add_extra_convs"),
         ("model.neck.norm_cfg", {"type": "GN", "num_groups": 32}, "model.neck.norm_cfg"),
@@ -208,3 +209,12 @@ def test_unknown_name_lists_examples():
 def test_every_bundled_file_parses():
     for key, text in BUNDLED_MMDET_CONFIGS.items():
         assert load_mmdet_config(text=text, source=f"<bundled {key}>") is not None
+
+
+@pytest.mark.parametrize("kind, modulated", [("DCN", False), ("DCNv2", True)])
+def test_deformable_stages(kind, modulated):
+    cfg = _cfg()
+    cfg["model"]["backbone"].update(dcn=dict(type=kind, deform_groups=2, fallback_on_stride=False), stage_with_dcn=(False, True, True, True))
+    mc, _ = _convert(cfg)
+    assert mc.deform_on_per_stage == (False, True, True, True)
+    assert mc.deform_modulated is modulated and mc.deform_num_groups == 2

@@ -110,6 +110,8 @@ def test_name_mapping():
     assert mmdet_to_project_name("roi_head.bbox_head.shared_fcs.1.weight") == "roi_heads.box_head.fc7.weight"
     assert mmdet_to_project_name("roi_head.mask_head.convs.3.conv.weight") == "roi_heads.mask_head.3.0.weight"
     assert mmdet_to_project_name("roi_head.mask_head.upsample.bias") == "roi_heads.mask_predictor.conv5_mask.bias"
+    assert mmdet_to_project_name("backbone.layer2.0.conv2.conv_offset.bias") == "backbone.body.layer2.0.conv2.offset.bias"
+    assert mmdet_to_project_name("backbone.layer2.0.conv2.weight") == "backbone.body.layer2.0.conv2.weight"
     assert mmdet_to_project_name("roi_head.semantic_head.conv.weight") is None
 
 

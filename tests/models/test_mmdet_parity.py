@@ -70,10 +70,47 @@ def install_torchvision_ops() -> None:
             keep = keep[: cfg["max_num"]]
         return torch.cat([boxes[keep], scores[keep][:, None]], -1), keep
 
+    class DeformConv2dPack(nn.Module):
+        """mmcv's DCN (v1) / DCNv2 (``modulated``): a 3x3 conv whose offsets (and mask) come from
+        ``conv_offset``; offsets ``(dy, dx)`` per tap, then (v2) the mask logits, as torchvision's."""
+
+        modulated = False
+
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, deform_groups=1, bias=False, **_):
+            super().__init__()
+            k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
+            self.stride, self.padding, self.dilation = stride, padding, dilation
+            self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, k, k))
+            self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+            per = (3 if self.modulated else 2) * k * k
+            self.conv_offset = nn.Conv2d(in_channels, deform_groups * per, k, stride, padding, dilation, bias=True)
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+
+        def forward(self, x):
+            out = self.conv_offset(x)
+            mask = None
+            if self.modulated:
+                o1, o2, mask = torch.chunk(out, 3, dim=1)
+                out, mask = torch.cat((o1, o2), dim=1), mask.sigmoid()
+            return torchvision.ops.deform_conv2d(x, out, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    class ModulatedDeformConv2dPack(DeformConv2dPack):
+        modulated = True
+
+    from mmengine.registry import MODELS as MMENGINE_MODELS
+
+    MMENGINE_MODELS.register_module("DCN", module=DeformConv2dPack, force=True)
+    MMENGINE_MODELS.register_module("DCNv2", module=ModulatedDeformConv2dPack, force=True)
+
     def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0, pool_mode="avg", aligned=True):
         return RoIAlign(output_size, spatial_scale, sampling_ratio, pool_mode, aligned)(x, rois)
 
-    provided = {"RoIAlign": RoIAlign, "roi_align": roi_align, "nms": nms, "batched_nms": batched_nms}
+    provided = {
+        "RoIAlign": RoIAlign, "roi_align": roi_align, "nms": nms, "batched_nms": batched_nms,
+        "DeformConv2dPack": DeformConv2dPack, "ModulatedDeformConv2dPack": ModulatedDeformConv2dPack,
+    }  # fmt: skip
 
     def placeholder(name):
         if name.startswith("__"):
@@ -176,6 +213,10 @@ def _condition(model, bgr: np.ndarray, seed: int) -> None:
     nn = torch.nn
     with torch.no_grad():
         for name, mod in model.named_modules():
+            if name.endswith("conv_offset"):  # deformable offsets of a few pixels, mask logits of order 1
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.3 / math.sqrt(mod.weight[0].numel()))
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.5)
+                continue
             if not name.startswith(("rpn_head", "roi_head")) or not isinstance(mod, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
                 continue
             leaf = name.rsplit(".", 1)[-1]
@@ -274,6 +315,13 @@ CASES = [
             "model.roi_head.mask_roi_extractor.roi_layer.aligned": False,
         },
         2,
+    ),
+    # deformable res3-res5 (DCNv2: offsets and mask from conv_offset)
+    (
+        "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py",
+        [4],
+        {"model.backbone.dcn": dict(type="DCNv2", deform_groups=1, fallback_on_stride=False), "model.backbone.stage_with_dcn": (False, True, True, True)},
+        5,
     ),
     ("mask_rcnn/mask-rcnn_r101_fpn_1x_coco.py", [4], {}, 3),
     ("mask_rcnn/mask-rcnn_x101-32x8d_fpn_1x_coco.py", [4], {}, 4),

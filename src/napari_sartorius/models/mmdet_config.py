@@ -24,7 +24,8 @@ the network and its test-time behaviour, and either converts it or raises
 Unsupported, by name: Cascade R-CNN and HTC (MMDetection's cascade has one mask head per stage whose
 probabilities are averaged, and averages the stages' class logits: the project's cascade is
 detectron2's), SOLO/SOLOv2, Mask2Former/MaskFormer, PointRend, Mask Scoring R-CNN, other detectors;
-ResNeXt widths the project has no body for (32x4d, 64x4d), DCN, GN heads, C4 (``shared_head``).
+ResNeXt widths the project has no body for (32x4d, 64x4d), GN heads, C4 (``shared_head``). Deformable
+bottlenecks (``dcn=dict(type='DCN' | 'DCNv2')``, ``stage_with_dcn``) become the project's deformable stages.
 """
 
 from __future__ import annotations
@@ -283,6 +284,9 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
         max_size_test=max_size,
         stride_in_1x1=body["stride_in_1x1"],
         freeze_at=body["freeze_at"],
+        deform_on_per_stage=body["deform_on_per_stage"],
+        deform_modulated=body["deform_modulated"],
+        deform_num_groups=body["deform_num_groups"],
         anchor_sizes=anchors["anchor_sizes"],
         aspect_ratios=anchors["aspect_ratios"],
         round_anchors=False,

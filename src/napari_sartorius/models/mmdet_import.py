@@ -11,7 +11,7 @@ The config is the ``.py`` file given, or the text MMDetection stores in the chec
 names come from the caller, else ``meta['CLASSES']`` / ``meta['dataset_meta']['classes']``.
 
 Name mapping onto the project model (:mod:`.architectures`): ``backbone.*`` -> ``backbone.body.*``
-(MMDetection's ResNet uses torchvision's names), ``neck.lateral_convs.i.conv`` / ``neck.fpn_convs.i.conv``
+(MMDetection's ResNet uses torchvision's names; a deformable ``conv2.conv_offset`` -> ``conv2.offset``), ``neck.lateral_convs.i.conv`` / ``neck.fpn_convs.i.conv``
 -> ``backbone.fpn.inner_blocks.i.0`` / ``layer_blocks.i.0``, ``rpn_head.rpn_conv/rpn_cls/rpn_reg`` ->
 ``rpn.head.conv.0.0/cls_logits/bbox_pred``, ``roi_head.bbox_head.shared_fcs.0/1`` -> ``box_head.fc6/fc7``,
 ``fc_cls``/``fc_reg`` -> ``box_predictor.cls_score``/``bbox_pred``, ``roi_head.mask_head.convs.i.conv`` ->
@@ -182,6 +182,7 @@ def _config_text(meta: Mapping) -> str | None:
 
 # -- name mapping -----------------------------------------------------------------------------------
 _RULES = [
+    (re.compile(r"^backbone\.(layer\d\.\d+\.conv2)\.conv_offset\.(weight|bias)$"), r"backbone.body.\1.offset.\2"),
     (re.compile(r"^backbone\.(.+)$"), r"backbone.body.\1"),
     (re.compile(r"^neck\.lateral_convs\.(\d)\.conv\.(weight|bias)$"), r"backbone.fpn.inner_blocks.\1.0.\2"),
     (re.compile(r"^neck\.fpn_convs\.(\d)\.conv\.(weight|bias)$"), r"backbone.fpn.layer_blocks.\1.0.\2"),

@@ -44,8 +44,22 @@ def _check_backbone(bb: Mapping) -> dict:
     _expect(bb, "stem_channels", w, [None, 64], None)
     _expect(bb, "base_channels", w, [64], 64)
     _expect(bb, "in_channels", w, [3], 3)
-    if _opt(bb, "dcn") is not None:
-        raise _unsupported(f"{w}.dcn", _opt(bb["dcn"], "type"), "None (MMDetection's DCN layers are not imported)")
+    deform = {"deform_on_per_stage": (False,) * 4, "deform_modulated": False, "deform_num_groups": 1}
+    dcn = _opt(bb, "dcn")
+    if dcn is not None:
+        kind = _opt(dcn, "type")
+        if kind not in ("DCN", "DCNv2"):
+            raise _unsupported(f"{w}.dcn.type", kind, "'DCN' or 'DCNv2' (deformable 3x3 convs in the bottlenecks)")
+        if _opt(dcn, "fallback_on_stride", False):
+            raise _unsupported(f"{w}.dcn.fallback_on_stride", True, "False")
+        stages = [bool(v) for v in _opt(bb, "stage_with_dcn", (False,) * 4)]
+        if len(stages) != 4:
+            raise _unsupported(f"{w}.stage_with_dcn", stages, "4 flags")
+        deform = {
+            "deform_on_per_stage": tuple(stages),
+            "deform_modulated": kind == "DCNv2",
+            "deform_num_groups": int(_opt(dcn, "deform_groups", _opt(dcn, "deformable_groups", 1))),
+        }
     if _opt(bb, "plugins"):
         raise _unsupported(f"{w}.plugins", bb["plugins"], "None (no attention / context plugins)")
     _expect(bb, "with_cp", w, [False, True], False)
@@ -54,7 +68,7 @@ def _check_backbone(bb: Mapping) -> dict:
         raise _unsupported(f"{w}.norm_cfg.type", _opt(norm, "type"), "'BN' or 'SyncBN' (frozen to their statistics)")
     style = _expect(bb, "style", w, ["pytorch", "caffe"], "pytorch")
     frozen = int(_opt(bb, "frozen_stages", -1))
-    return {"stride_in_1x1": style == "caffe", "freeze_at": max(0, min(5, frozen + 1))}
+    return {"stride_in_1x1": style == "caffe", "freeze_at": max(0, min(5, frozen + 1)), **deform}
 
 
 def _check_neck(neck: Mapping) -> None:
