@@ -393,6 +393,12 @@ def load_backbone_weights(model: CellMaskRCNN, weights) -> list[str]:
             message names the first keys that do not fit).
     """
     source = "ImageNet weights"
+    info = REGISTRY[model.config.arch]
+    if info.is_resnest:
+        raise ValueError(
+            f"ImageNet weights are not read for the {info.body} body of {model.config.arch}: start from "
+            "a detectron2-ResNeSt or LIVECell checkpoint (import-detectron2) or from random weights"
+        )
     if not isinstance(weights, Mapping):
         source = str(weights)
         try:
