@@ -170,3 +170,23 @@ def test_imagenet_weights_are_refused_for_resnest_with_the_way_out(tiny_blocks):
     model = build_model(ModelConfig(ARCH))
     with pytest.raises(ValueError, match="import-detectron2"):
         load_backbone_weights(model, {"conv1.weight": torch.zeros(1)})
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_blocks):
+    from napari_sartorius.models.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(ARCH, class_names=("cell",), min_size_test=64, max_size_test=64, rpn_post_nms_top_n_test=30,
+                      detections_per_img=5, score_thresh_test=0.0)  # fmt: skip
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    path = save_checkpoint(tmp_path / "livecell.pt", model, cfg)
+    loaded, loaded_cfg = load_checkpoint(path)
+    assert loaded_cfg.rpn_in_features == cfg.rpn_in_features and loaded_cfg.arch == ARCH
+    image = torch.rand(3, 64, 64) * 255
+    with torch.no_grad():
+        a, b = model([image])[0], loaded.eval()([image])[0]
+    assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
