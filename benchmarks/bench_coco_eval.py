@@ -18,7 +18,7 @@ import numpy as np
 
 from napari_sartorius.annotations import AnnotationSet, ImageAnnotations
 from napari_sartorius.instances import Instances
-from napari_sartorius.metrics import coco_mask_ap
+from napari_sartorius.coco_eval import coco_mask_ap
 
 
 def dense_pair(cells: int, seed: int = 0):

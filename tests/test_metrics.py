@@ -283,7 +283,7 @@ def _dense_pair(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_faster_coco_eval_agrees_with_pycocotools(seed):
     pytest.importorskip("faster_coco_eval")
-    from napari_sartorius.metrics import coco_mask_ap
+    from napari_sartorius.coco_eval import coco_mask_ap
 
     pred, gt = _dense_pair(seed)
     ref = coco_mask_ap(pred, gt, backend="pycocotools")
@@ -296,7 +296,7 @@ def test_faster_coco_eval_agrees_with_pycocotools(seed):
 def test_coco_backend_choice(monkeypatch):
     import sys
 
-    from napari_sartorius.metrics import _coco_backend
+    from napari_sartorius.coco_eval import _coco_backend
 
     with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
         _coco_backend("fastest")
