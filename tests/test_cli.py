@@ -88,16 +88,20 @@ def test_help_everywhere(capsys):
         assert "usage: napari-sartorius" in capsys.readouterr().out
 
 
-def test_models_lists_the_six_architectures(capsys):
+def test_models_lists_the_registered_architectures(capsys):
+    from napari_sartorius.models.registry import ARCH_NAMES
+
     code, out, _ = run(capsys, "models")
     assert code == 0
     rows = [line.split() for line in out.strip().splitlines()[1:]]
-    assert [r[0] for r in rows] == [
+    assert [r[0] for r in rows] == list(ARCH_NAMES)
+    assert ARCH_NAMES[:6] == (
         "mask_rcnn_R_50_C4", "mask_rcnn_R_50_FPN", "mask_rcnn_R_101_C4", "mask_rcnn_R_101_FPN",
         "mask_rcnn_X_101_32x8d_FPN", "cascade_mask_rcnn_X_152_32x8d_FPN",
-    ]
+    )
+    assert "cascade_mask_rcnn_ResNeSt_200_FPN" in ARCH_NAMES
     counts = [float(r[1]) for r in rows]
-    assert 40 < counts[1] < 50 and counts[-1] > counts[-2] > counts[1]
+    assert 40 < counts[1] < 50 and counts[5] > counts[4] > counts[1]
 
 
 def test_demo_writes_labels_predictions_and_prints_its_score(tmp_path, capsys):

@@ -227,3 +227,51 @@ def test_cleaned_crop_cache_gives_identical_results_across_setting_changes():
         np.testing.assert_array_equal(a.kept, b.kept)
     with pytest.raises(ValueError, match="other instances"):
         postprocess(x[:10], PostprocessSettings(), cache=cache)
+
+
+def test_instance_columns_become_features_and_survive_to_instances():
+    x = inst([rect(0, 10, 0, 10), rect(20, 30, 20, 35), rect(40, 50, 40, 50)], [0.5, 0.9, 0.7], [0, 0, 0])
+    x.columns = {"uncertainty": np.array([0.1, 0.2, 0.3], np.float32), "reviewed": np.array([True, False, False])}
+    res = postprocess(x, no_limits())
+    check_features(res)
+    assert res.features["uncertainty"].tolist() == pytest.approx([0.2, 0.3, 0.1])  # label order = score order
+    assert res.features["reviewed"].tolist() == [False, False, True]
+    back = res.to_instances()
+    assert back.columns["uncertainty"].tolist() == pytest.approx([0.2, 0.3, 0.1])
+    assert back.columns["reviewed"].tolist() == [False, False, True]
+    # without columns, no extra features
+    assert set(postprocess(inst([rect(0, 10, 0, 10)], [0.5], [0]), no_limits()).features) == {"label", "class", "score", "area"}
+
+
+def test_excluded_instances_are_left_out_and_free_their_pixels():
+    # two overlapping cells: excluding the stronger one lets the weaker keep all its pixels
+    x = inst([rect(0, 10, 0, 10), rect(0, 10, 5, 15)], [0.9, 0.5], [0, 0])
+    res = postprocess(x, no_limits(max_overlap=1.0), exclude=np.array([True, False]))
+    assert res.kept.tolist() == [1]
+    assert res.features["area"].tolist() == [100]
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 instances"):
+        postprocess(x, no_limits(), exclude=np.array([True]))
+
+
+def test_stitch_planes_offsets_ids_and_keeps_shared_columns():
+    from napari_sartorius.postprocess import stitch_planes
+
+    a = inst([rect(0, 10, 0, 10), rect(20, 30, 20, 35)], [0.5, 0.9], [0, 0])
+    a.columns = {"uncertainty": np.array([0.1, 0.2], np.float32)}
+    b = inst([rect(0, 10, 0, 10)], [0.8], [0])
+    b.columns = {"uncertainty": np.array([0.4], np.float32)}
+    ra, rb = postprocess(a, no_limits()), postprocess(b, no_limits())
+    labels, feats = stitch_planes([ra, rb], lead_shape=(2,))
+    assert labels.shape == (2,) + S
+    assert feats["label"].tolist() == [1, 2, 3] and feats["index"].tolist() == [1, 2, 3]
+    assert feats["plane"].tolist() == [0, 0, 1]
+    assert feats["uncertainty"].tolist() == pytest.approx([0.2, 0.1, 0.4])
+    assert set(np.unique(labels[1])) == {0, 3}
+    # a column one plane lacks is left out; 2-D input comes back as it is
+    _, feats = stitch_planes([ra, postprocess(inst([rect(0, 10, 0, 10)], [0.8], [0]), no_limits())], (2,))
+    assert "uncertainty" not in feats
+    labels2d, f2d = stitch_planes([ra])
+    assert labels2d is ra.labels and f2d["index"].tolist() == [1, 2]
+    # (2, 2) lead axes
+    lab4, _ = stitch_planes([ra, rb, rb, ra], lead_shape=(2, 2))
+    assert lab4.shape == (2, 2) + S

@@ -3,7 +3,7 @@
 For every image of the file the reader looks for the image file beside the annotation file and in an
 ``images/`` folder beside it (:func:`napari_sartorius.io.images.default_image_dirs`); found images open
 as Image layers named by the image id, each followed by its Labels layer ``"<image id> labels"`` with a
-features table (label, class, score, area). Images that are not found still give their Labels layer
+features table (label, class, score, area; uncertainty and reviewed when the file has them). Images that are not found still give their Labels layer
 (the annotation file knows each image's size), and a warning says where the reader looked.
 
 A Labels layer cannot hold overlapping cells, and the competition's annotations do overlap. Overlaps
@@ -116,13 +116,20 @@ def _has_overlap(inst) -> bool:
 def _features(ann, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
     inst = ann.instances
     n = len(inst)
-    return {
+    feats = {
         "index": np.arange(1, n + 1, dtype=np.int64),
         "label": np.arange(1, n + 1, dtype=np.int64),
         "class": np.array([class_names[int(c)] for c in inst.classes], dtype=object),
         "score": inst.scores.astype(np.float32),
         "area": inst.areas(),
     }
+    # review columns of predictions and reviewed layers (uncertainty only when every cell has one)
+    u = inst.columns.get("uncertainty")
+    if u is not None and len(u) == n and np.all(np.isfinite(u)):
+        feats["uncertainty"] = u.astype(np.float32)
+    if "reviewed" in inst.columns and len(inst.columns["reviewed"]) == n:
+        feats["reviewed"] = inst.columns["reviewed"].astype(bool)
+    return feats
 
 
 def read_annotations(path: str | os.PathLike) -> list[LayerData]:
@@ -202,13 +209,17 @@ def _as_stack(path: Path, aset, found, class_names, read_image) -> list[LayerDat
     total = sum(len(ann.instances) for ann in aset)
     dtype = np.uint16 if total < 65535 else np.uint32
     labels = np.zeros((len(ids), h, w), dtype)
-    feats = {k: [] for k in ("label", "class", "score", "area", "plane")}
+    per_image = [_features(ann, class_names) for ann in aset]
+    shared = [k for k in ("uncertainty", "reviewed") if all(k in f for f in per_image)]
+    feats = {k: [] for k in ("label", "class", "score", "area", "plane", *shared)}
     offset = 0
     for z, ann in enumerate(aset):
         plane = ann.instances.to_label_image(dtype=np.uint32)
         n = len(ann.instances)
         labels[z] = np.where(plane > 0, plane + offset, 0)
-        f = _features(ann, class_names)
+        f = per_image[z]
+        for k in shared:
+            feats[k].append(f[k])
         feats["label"].append(f["label"] + offset)
         feats["class"].append(f["class"])
         feats["score"].append(f["score"])

@@ -54,6 +54,39 @@ def _feature_classes(features) -> dict[int, str]:
     return {int(lab): str(c) for lab, c in zip(labs, names) if c is not None and str(c) not in ("", "nan", "None")}
 
 
+def _feature_review(features) -> tuple[dict[int, float], dict[int, bool]]:
+    """label id -> uncertainty (finite values only) and label id -> reviewed, from a features table."""
+    if features is None:
+        return {}, {}
+    try:
+        cols = set(features.keys())
+    except AttributeError:
+        return {}, {}
+    key = "label" if "label" in cols else ("index" if "index" in cols else None)
+    if key is None:
+        return {}, {}
+    labs = [int(v) for v in np.asarray(features[key])]
+    unc, rev = {}, {}
+    if "uncertainty" in cols:
+        for lab, v in zip(labs, np.asarray(features["uncertainty"], np.float64)):
+            if np.isfinite(v):
+                unc[lab] = float(v)
+    if "reviewed" in cols:
+        rev = {lab: bool(v) for lab, v in zip(labs, np.asarray(features["reviewed"]))}
+    return unc, rev
+
+
+def _review_columns(ids: np.ndarray, unc: dict, rev: dict) -> dict:
+    """Instance columns of one plane's label ids: ``uncertainty`` when every cell has one (cells
+    painted by hand have none: then it is left out, never NaN), ``reviewed`` when the table has it."""
+    cols = {}
+    if ids.size and unc and all(int(i) in unc for i in ids):
+        cols["uncertainty"] = np.array([unc[int(i)] for i in ids], np.float32)
+    if rev:
+        cols["reviewed"] = np.array([rev.get(int(i), False) for i in ids], bool)
+    return cols
+
+
 def labels_to_annotations(
     labels: np.ndarray,
     *,
@@ -69,7 +102,8 @@ def labels_to_annotations(
         labels: integer ``(H, W)`` label image (0 = background) or ``(..., H, W)`` stack, one COCO image
             per plane (ids ``<image_id>_z000``...; file names then get the same suffix).
         image_id: the image's key (COCO ``file_name`` stem unless ``file_name`` is given).
-        features: the layer's features table; its ``class`` column (per ``label``) names each cell's class.
+        features: the layer's features table; its ``class`` column (per ``label``) names each cell's class,
+            its ``uncertainty`` and ``reviewed`` columns (review panel) go to ``Instances.columns``.
         class_names: the category names, in order; default ``DEFAULT_CLASSES``. Class names found in
             ``features`` that are not in it are appended.
         cell_type: class for cells without a features row (cells the user painted); default the
@@ -91,6 +125,7 @@ def labels_to_annotations(
         raise ValueError(f"labels must hold integer ids, got dtype {labels.dtype}")
     names = list(class_names) if class_names else list(DEFAULT_CLASSES)
     per_label = _feature_classes(features)
+    unc, rev = _feature_review(features)
     for c in per_label.values():
         if c not in names:
             names.append(c)
@@ -110,6 +145,7 @@ def labels_to_annotations(
         ids = ids[ids > 0]
         cls = {int(i): names.index(per_label.get(int(i), fallback)) for i in ids}
         inst = Instances.from_label_image(plane, classes=cls)
+        inst.columns = _review_columns(ids, unc, rev)
         pid = f"{image_id}_z{z:03d}" if stacked else image_id
         if stacked:
             fn = f"{pid}{Path(file_name).suffix}" if file_name else f"{pid}.png"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
+from .commands.pretrained import resolve_model_arg
 from .device import DEVICE_CHOICES
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -57,9 +58,10 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 
 def build_engines(models: Sequence[str], device: str, cell_type: str | None):
     """Engines for ``--model`` values: ``classical`` or checkpoint paths."""
+    models = [resolve_model_arg(m) for m in models or ["classical"]]  # registry names -> cached files
     check_model_files(models)  # a text file or a pickle: one line before any torch import
     engines = []
-    for m in models or ["classical"]:
+    for m in models:
         if m == "classical":
             from .classical import ClassicalEngine, ClassicalSettings
 
@@ -67,7 +69,8 @@ def build_engines(models: Sequence[str], device: str, cell_type: str | None):
             continue
         path = Path(m)
         if not path.is_file():
-            raise CLIError(f"--model {m}: no such checkpoint file (or use --model classical)")
+            raise CLIError(f"--model {m}: no such checkpoint file or pretrained name (see `napari-sartorius "
+                           "pretrained list`; or use --model classical)")
         from .models.predictor import MaskRCNNEngine
 
         engines.append(MaskRCNNEngine.from_checkpoint(path, device=device))
@@ -182,20 +185,46 @@ class _DemoArgs:
 
 
 def cmd_segment(args) -> int:
+    """Folder inference (:mod:`.inference.folder_run`): streamed, resumable, sharded by rank under torchrun."""
     from .cell_types import check_cell_type
+    from .inference.folder_run import PREDICTIONS, FolderSettings, SoloGroup, TorchGroup, segment_folder
+    from .training import distributed
 
     args.cell_type = check_cell_type(args.cell_type)
+    for opt in ("batch", "workers"):
+        value = getattr(args, opt, None)
+        if value is not None and value < (1 if opt == "batch" else 0):
+            raise CLIError(f"--{opt} {value}: give at least {1 if opt == 'batch' else 0}")
     images = collect_images(args.inputs)
     out = output_folder(args.out)
-    device = _resolve_device_name(args.device)
-    engines = build_engines(args.model, device, args.cell_type)
-    _progress(f"{len(images)} image(s), {len(engines)} model(s) [{', '.join(e.name for e in engines)}], "
-              f"TTA {args.tta}, ensemble {args.ensemble}, device {device}")
-    preds = _segment_files(images, engines, args)
-    pred_path = _write_predictions(preds, out)
-    n = sum(len(im.instances) for im in preds)
+    ctx = distributed.init_from_env(args.device)  # None unless launched by torchrun with several ranks
+    try:
+        device = str(ctx.device) if ctx is not None else _resolve_device_name(args.device)
+        group = TorchGroup(ctx.device) if ctx is not None else SoloGroup()
+        say = _progress if group.rank == 0 else (lambda line: print(line, file=sys.stderr, flush=True))
+        weights = _parse_weights(getattr(args, "weights", None), len(args.model or ["classical"]))
+        engines = build_engines(args.model, device, args.cell_type)
+        workers = args.workers if args.workers is not None else (2 if device.startswith("cuda") else 0)
+        if group.rank == 0:
+            ranks = f", {group.world} ranks" if group.world > 1 else ""
+            say(f"{len(images)} image(s), {len(engines)} model(s) [{', '.join(e.name for e in engines)}], "
+                f"TTA {args.tta}, ensemble {args.ensemble}, device {device}{ranks}")
+        settings = FolderSettings(tta=args.tta, ensemble=args.ensemble, iou=args.iou,
+                                  weights=None if weights is None else tuple(weights),
+                                  cell_type=args.cell_type, raw=args.raw,
+                                  batch=args.batch if args.batch is not None else (4 if device.startswith("cuda") else 1))
+        result = segment_folder(images, engines, out, settings, group=group, resume=args.resume,
+                                workers=workers, say=say)
+    finally:
+        distributed.cleanup()
+    if group.rank != 0:
+        return EXIT_FAILED if result.failed else 0
     what = "raw predictions" if args.raw else "label images and predictions"
-    print(f"wrote {what} for {len(images)} image(s), {n} cells, to {out} ({pred_path.name})")
+    print(f"wrote {what} for {result.merged_images} image(s), {result.merged_cells} cells, to {out} ({PREDICTIONS})")
+    if result.failures_total:
+        _progress(f"{result.failures_total} image(s) could not be segmented, listed in {out / 'failures.txt'}; "
+                  "fix or remove them and run again with --resume")
+        return EXIT_FAILED
     return 0
 
 
@@ -235,13 +264,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.architectures import ARCHITECTURES, parameter_count
+    from .models.registry import REGISTRY  # torch-free: the counts are stored, nothing is built
 
-    rows = [(name, parameter_count(name)) for name in ARCHITECTURES]
-    width = max(len(n) for n, _ in rows)
-    print(f"{'architecture'.ljust(width)}  parameters")
-    for name, count in rows:
-        print(f"{name.ljust(width)}  {count / 1e6:7.1f} M")
+    width = max(len(n) for n in REGISTRY)
+    print(f"{'architecture'.ljust(width)}  parameters  description")
+    for name, info in REGISTRY.items():
+        print(f"{name.ljust(width)}  {info.parameters / 1e6:8.1f} M  {info.description}")
     return 0
 
 
@@ -251,7 +279,8 @@ def cmd_init_model(args) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     if not classes:
         raise CLIError("--classes: give at least one class name")
-    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=args.imagenet)
+    imagenet = resolve_model_arg(args.imagenet, kinds=("imagenet",))
+    path = init_checkpoint(args.arch, Path(args.out), class_names=classes, imagenet_weights=imagenet)
     print(f"wrote {path} ({args.arch}, classes {', '.join(classes)})")
     return 0
 
@@ -277,6 +306,7 @@ def cmd_train(args) -> int:
         raise CLIError("--size must be at least 32 px")
     if args.folds is not None and args.val:
         raise CLIError("--folds and --val exclude each other: K-fold takes its validation images from --data")
+    args.base = resolve_model_arg(args.base)
     if args.base:
         check_model_files([args.base], "--base")
         from .models.checkpoint import read_checkpoint
@@ -291,8 +321,9 @@ def cmd_train(args) -> int:
     val = dataset_from_file(args.val, args.images, clean=args.clean_masks) if args.val else None
     sizes = {}
     if args.size is not None:
-        sizes = {"min_size_train": (int(round(args.size * 0.8)), args.size, int(round(args.size * 1.2))),
-                 "max_size_train": 2 * args.size}
+        from .training.settings import multiscale_sizes
+
+        sizes = {"min_size_train": multiscale_sizes(args.size, (0.8, 1.0, 1.2)), "max_size_train": 2 * args.size}
     settings = TrainSettings(
         iters=args.iters, lr=args.lr, batch_size=args.batch, device=args.device, out=str(args.out),
         resume=args.resume,
@@ -383,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment images into label images and COCO results")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    s.add_argument("--out", required=True, help="output folder: <stem>_labels.tif and predictions.json")
+    s.add_argument("--out", required=True,
+                   help="output folder: <stem>_labels.tif, predictions.json and summary.csv (cells, uncertainty)")
     s.add_argument("--model", action="append", metavar="CKPT",
-                   help="checkpoint file, or 'classical' for the weight-free engine; repeat for an ensemble "
+                   help="checkpoint file, pretrained name (`pretrained list`), or 'classical' for the weight-free engine; "
+                   "repeat for an ensemble "
                    "(default: classical)")
     s.add_argument("--weights", help="comma-separated ensemble weight per --model (default: equal)")
     s.add_argument("--tta", default="none", choices=("none", "flips", "flips+rot90", "multiscale"),
@@ -398,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true",
                    help="write every instance above the model's score threshold with its score, overlaps kept, "
                    "no post-processing (for COCO-style evaluation); no label images")
+    s.add_argument("--resume", action="store_true",
+                   help="skip the images an earlier (stopped) run into --out finished")
+    s.add_argument("--batch", type=int, metavar="N",
+                   help="images per network pass for one model without TTA (default 4 on a GPU, 1 on the CPU)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="processes decoding images ahead of the models (default 2 on a GPU, 0 on the CPU)")
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("evaluate", help="competition score (overall, per cell type) and COCO mask AP")
@@ -422,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("arch", help="architecture (see `napari-sartorius models`)")
     i.add_argument("--out", required=True, help="checkpoint file to write")
     i.add_argument("--classes", default="shsy5y,astro,cort", help="comma-separated class names")
-    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights file you have on disk")
+    i.add_argument("--imagenet", metavar="WEIGHTS", help="ImageNet backbone weights: a file, or a pretrained name such as imagenet-r50")
     i.set_defaults(func=cmd_init_model)
 
     x = sub.add_parser("import-detectron2", help="turn a detectron2 checkpoint (.pth/.pkl) into this project's format")
@@ -437,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", action="append", metavar="DIR",
                    help="folder of the training images, repeatable (default: beside SRC or its images/ folder)")
     t.add_argument("--arch", help=f"architecture (default: that of --base, else {DEFAULT_ARCH})")
-    t.add_argument("--base", help="starting checkpoint (e.g. LIVECell-pretrained, imported from detectron2)")
+    t.add_argument("--base", help="starting checkpoint, or a pretrained name such as livecell-shsy5y (`pretrained list`)")
     t.add_argument("--iters", type=int, default=1000, help="iterations (default 1000)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--val", help="validation annotations (COCO JSON or Kaggle CSV)")
@@ -451,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clean-masks", action="store_true", help="fill holes, drop fragments and resolve overlaps first")
     t.add_argument("--resume", action="store_true", help="continue from --out if it holds a stopped run")
     t.set_defaults(func=cmd_train)
+
+    from .commands import pretrained as pretrained_command
+
+    pretrained_command.add_parser(sub)
     return p
 
 

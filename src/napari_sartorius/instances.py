@@ -53,6 +53,9 @@ class Instances:
         masks: N float32 arrays ``(h_i, w_i)``; values are mask probabilities in [0, 1].
         mask_origins: int64 ``(N, 2)`` ``(y0, x0)`` of each crop's top-left pixel in the image.
             Every crop lies inside the image.
+        columns: optional per-instance values, name -> ``(N,)`` array, carried by selection and
+            :meth:`cat` (e.g. fusion's ``uncertainty`` in [0, 1], a review's boolean ``reviewed``).
+            Empty by default; no column is required by any consumer.
     """
 
     image_size: tuple[int, int]
@@ -61,6 +64,7 @@ class Instances:
     classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     masks: list = field(default_factory=list)
     mask_origins: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    columns: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
@@ -73,6 +77,10 @@ class Instances:
         for name in ("boxes", "scores", "classes", "mask_origins"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Instances: {name} has {len(getattr(self, name))} rows, masks has {n}")
+        self.columns = {str(k): np.asarray(v).reshape(-1) for k, v in (self.columns or {}).items()}
+        for name, col in self.columns.items():
+            if len(col) != n:
+                raise ValueError(f"Instances: column {name!r} has {len(col)} rows, masks has {n}")
         h, w = self.image_size
         for m, (y0, x0) in zip(self.masks, self.mask_origins):
             if m.ndim != 2 or y0 < 0 or x0 < 0 or y0 + m.shape[0] > h or x0 + m.shape[1] > w:
@@ -177,7 +185,7 @@ class Instances:
 
     @staticmethod
     def cat(parts: Sequence[Instances]) -> Instances:
-        """Concatenate instances of the same image."""
+        """Concatenate instances of the same image (columns that every part has are kept)."""
         if not parts:
             raise ValueError("cannot concatenate an empty list of Instances")
         size = parts[0].image_size
@@ -190,6 +198,11 @@ class Instances:
             classes=np.concatenate([p.classes for p in parts]),
             masks=[m for p in parts for m in p.masks],
             mask_origins=np.concatenate([p.mask_origins for p in parts]),
+            columns={
+                k: np.concatenate([p.columns[k] for p in parts])
+                for k in parts[0].columns
+                if all(k in p.columns for p in parts)
+            },
         )
 
     # -- selection ----------------------------------------------------------------------------
@@ -205,7 +218,14 @@ class Instances:
             classes=self.classes[idx],
             masks=[self.masks[i] for i in idx],
             mask_origins=self.mask_origins[idx],
+            columns={k: v[idx] for k, v in self.columns.items()},
         )
+
+    @property
+    def uncertainty(self) -> np.ndarray | None:
+        """float32 ``(N,)`` per-cell uncertainty in [0, 1] from fusion, or None when undefined."""
+        u = self.columns.get("uncertainty")
+        return None if u is None else u.astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
         return f"Instances(n={len(self)}, image_size={self.image_size})"

@@ -36,7 +36,10 @@ from .cell_types import (
 )
 from .instances import Instances
 
-__all__ = ["PostprocessSettings", "PostprocessResult", "postprocess", "majority_class"]
+__all__ = ["PostprocessSettings", "PostprocessResult", "postprocess", "majority_class", "BASE_FEATURES", "stitch_planes"]
+
+#: The feature columns every result has; others come from ``Instances.columns``.
+BASE_FEATURES = ("label", "class", "score", "area", "index", "plane")
 
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = ndimage.generate_binary_structure(2, 1)
@@ -136,8 +139,9 @@ class PostprocessResult:
         labels: uint16 ``(H, W)`` label image (uint32 from 65535 instances), 0 = background, ids
             1..K consecutive in decreasing score order (id 1 = highest score).
         features: napari Labels ``features`` table as a dict of equal-length ``(K,)`` arrays:
-            ``label`` int64, ``class`` str (object array), ``score`` float32, ``area`` int64 pixels;
-            row ``k`` describes label ``k + 1``.
+            ``label`` int64, ``class`` str (object array), ``score`` float32, ``area`` int64 pixels,
+            then every per-instance column of the input (``Instances.columns``, e.g. fusion's
+            ``uncertainty``); row ``k`` describes label ``k + 1``.
         kept: int64 ``(K,)`` indices into the input instances, row ``k`` -> label ``k + 1``.
         cell_type: the cell type the thresholds were taken from (None when there was no instance and
             none was given).
@@ -157,7 +161,12 @@ class PostprocessResult:
         names = list(self.class_names)
         cls = {int(lab): names.index(c) for lab, c in zip(self.features["label"], self.features["class"])}
         sc = {int(lab): float(s) for lab, s in zip(self.features["label"], self.features["score"])}
-        return Instances.from_label_image(self.labels, classes=cls, scores=sc)
+        inst = Instances.from_label_image(self.labels, classes=cls, scores=sc)
+        extra = [k for k in self.features if k not in BASE_FEATURES]
+        if extra and len(inst) == len(self.features["label"]):
+            order = np.argsort(np.asarray(self.features["label"]), kind="stable")
+            inst.columns = {k: np.asarray(self.features[k])[order] for k in extra}
+        return inst
 
 
 def majority_class(instances: Instances, n_classes: int) -> int | None:
@@ -236,7 +245,10 @@ def _fill_and_keep_largest(m: np.ndarray, s: PostprocessSettings) -> np.ndarray:
 
 
 def postprocess(
-    instances: Instances, settings: PostprocessSettings | None = None, cache: CleanedCrops | None = None
+    instances: Instances,
+    settings: PostprocessSettings | None = None,
+    cache: CleanedCrops | None = None,
+    exclude: np.ndarray | None = None,
 ) -> PostprocessResult:
     """Turn raw predictions into a non-overlapping label image (see the module notes for the steps).
 
@@ -246,6 +258,7 @@ def postprocess(
         settings: thresholds and switches; default :class:`PostprocessSettings()`.
         cache: a :class:`CleanedCrops` of ``instances``, reused between calls; same result, faster
             when only thresholds change.
+        exclude: bool ``(N,)``: instances left out (e.g. cells deleted in a review); default none.
 
     Returns:
         :class:`PostprocessResult` with the label image (id 1 = highest score), features, kept indices.
@@ -271,7 +284,13 @@ def postprocess(
     score_thr, min_area = s.for_type(ctype) if ctype is not None else (0.0, 0)
 
     scores = instances.scores
-    cand = np.flatnonzero(scores >= score_thr)
+    ok = scores >= score_thr
+    if exclude is not None:
+        exclude = np.asarray(exclude, bool).reshape(-1)
+        if exclude.shape != scores.shape:
+            raise ValueError(f"postprocess: exclude has {exclude.size} entries for {scores.size} instances")
+        ok &= ~exclude
+    cand = np.flatnonzero(ok)
     cand = cand[np.argsort(-scores[cand], kind="stable")]
     dtype = np.uint16 if cand.size < 65535 else np.uint32
     labels = np.zeros((h, w), dtype)
@@ -318,4 +337,50 @@ def postprocess(
         "score": scores[kept_arr].astype(np.float32),
         "area": np.asarray(areas, np.int64),
     }
+    for name, col in instances.columns.items():
+        if name not in features:
+            features[name] = col[kept_arr]
     return PostprocessResult(labels, features, kept_arr, ctype, s.class_names)
+
+
+def stitch_planes(results: list[PostprocessResult], lead_shape: tuple[int, ...] = ()) -> tuple[np.ndarray, dict]:
+    """Join the results of a stack's planes into one label array and one features table.
+
+    Args:
+        results: one :class:`PostprocessResult` per plane, all of the same ``(H, W)``.
+        lead_shape: the shape of the axes before the spatial ones (``()`` for one 2-D image); the
+            planes fill it in C order.
+
+    Returns:
+        ``(labels, features)``: labels of shape ``lead_shape + (H, W)`` (uint16, uint32 from 65535
+        cells), plane ``z``'s ids offset by the cell count of the planes before it so that ids are
+        unique; features with the columns of :attr:`PostprocessResult.features` (extra columns where
+        every plane has them), ``plane`` (int64, 0-based, only for a stack) and ``index`` (= ``label``).
+        One 2-D result is returned as it is (plus ``index``).
+    """
+    if not results:
+        raise ValueError("stitch_planes needs at least one plane")
+    if len(results) == 1 and not lead_shape:
+        feats = dict(results[0].features)
+        feats["index"] = feats["label"]
+        return results[0].labels, feats
+    total = sum(len(r) for r in results)
+    dtype = np.uint16 if total < 65535 else np.uint32
+    h, w = results[0].labels.shape
+    if any(r.labels.shape != (h, w) for r in results):
+        raise ValueError("stitch_planes: the planes differ in size")
+    stack = np.zeros((len(results), h, w), dtype)
+    names = [k for k in results[0].features if all(k in r.features for r in results)]
+    cols: dict[str, list] = {k: [] for k in names}
+    cols["plane"] = []
+    offset = 0
+    for z, r in enumerate(results):
+        lab = r.labels.astype(dtype, copy=False)
+        np.add(lab, offset, out=stack[z], where=lab > 0, casting="unsafe")
+        for k in names:
+            cols[k].append(r.features[k] + offset if k == "label" else r.features[k])
+        cols["plane"].append(np.full(len(r), z, np.int64))
+        offset += len(r)
+    feats = {k: np.concatenate(v) for k, v in cols.items()}
+    feats["index"] = feats["label"]
+    return stack.reshape(tuple(lead_shape) + (h, w)), feats

@@ -1,4 +1,4 @@
-"""The six architectures: build, a training step, eval output; components against torchvision."""
+"""The registered architectures: build, a training step, eval output; components against torchvision."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def tiny_resnext(monkeypatch):
 
     monkeypatch.setitem(backbones._BODIES, "X_101_32x8d", tiny)
     monkeypatch.setitem(backbones._BODIES, "X_152_32x8d", tiny)
+    # ResNeSt bodies with one block per stage (two in res3: a stride-2 avd block and a plain one)
+    from napari_sartorius.models import resnest
+
+    for depth in resnest.RESNEST_BLOCKS:
+        monkeypatch.setitem(resnest.RESNEST_BLOCKS, depth, (1, 2, 1, 1))
 
 
 def small_config(arch: str, **changes) -> ModelConfig:
@@ -79,8 +84,9 @@ def synthetic_sample(size: int = SIZE):
     return image, target
 
 
-def test_registry_is_the_six_named_architectures():
+def test_registry_is_the_named_architectures():
     assert tuple(ARCHITECTURES) == ARCH_NAMES
+    assert "cascade_mask_rcnn_ResNeSt_200_FPN" in ARCH_NAMES
     assert {s.kind for s in ARCHITECTURES.values()} == {"FPN", "C4", "cascade"}
     with pytest.raises(ValueError, match="mask_rcnn_R_50_C4"):
         parameter_count("resnet")
@@ -93,6 +99,8 @@ def test_parameter_counts_on_meta_device():
     assert counts["mask_rcnn_R_50_C4"] < counts["mask_rcnn_R_50_FPN"] < counts["mask_rcnn_R_101_FPN"]
     assert counts["mask_rcnn_R_101_FPN"] < counts["mask_rcnn_X_101_32x8d_FPN"]
     assert counts["mask_rcnn_X_101_32x8d_FPN"] < counts["cascade_mask_rcnn_X_152_32x8d_FPN"]
+    assert counts["cascade_mask_rcnn_ResNeSt_50_FPN"] < counts["cascade_mask_rcnn_ResNeSt_101_FPN"]
+    assert counts["cascade_mask_rcnn_ResNeSt_101_FPN"] < counts["cascade_mask_rcnn_ResNeSt_200_FPN"]
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -124,7 +132,9 @@ def test_train_step_and_eval(arch, tiny_resnext):
     # every head gets gradients; the frozen stem gets none
     for part in ("rpn.head.", "roi_heads.box_predictor.", "roi_heads.mask_predictor."):
         assert any(n.startswith(part) for n in with_grad), part
-    assert not model.backbone.body.conv1.weight.requires_grad
+    body = model.backbone.body
+    stem = body.conv1 if hasattr(body, "conv1") else body.stem.conv1_1
+    assert not stem.weight.requires_grad
 
     model.eval()
     with torch.no_grad():

@@ -59,7 +59,8 @@ def test_unknown_arch_lists_the_six():
         ({"class_names": ("a", "a")}, "duplicates"),
         ({"mask_size": 14}, "mask_size"),
         ({"score_thresh_test": 1.5}, "score_thresh_test"),
-        ({"box_head_norm": "BN"}, "box_head_norm"),
+        ({"box_head_norm": "LN"}, "box_head_norm"),
+        ({"rpn_in_features": ("p2", "p7")}, "rpn_in_features"),
         ({"provenance": {"x": object()}}, "JSON"),
     ],
 )

@@ -143,7 +143,11 @@ def test_model_zoo_configs_map_to_the_six_architectures(name, arch):
         ({"MODEL": {"META_ARCHITECTURE": "PanopticFPN"}}, "MODEL.META_ARCHITECTURE"),
         ({"MODEL": {"META_ARCHITECTURE": "RetinaNet"}}, "MODEL.META_ARCHITECTURE"),
         ({"MODEL": {"RESNETS": {"DEPTH": 34}}}, "MODEL.RESNETS.DEPTH"),
-        ({"MODEL": {"RESNETS": {"RADIX": 2}}}, "MODEL.RESNETS.RADIX"),
+        ({"MODEL": {"RESNETS": {"RADIX": 4}}}, "MODEL.RESNETS.RADIX"),
+        ({"MODEL": {"RESNETS": {"AVD": True}}}, "MODEL.RESNETS.AVD"),
+        ({"MODEL": {"RESNETS": {"RADIX": 2, "DEPTH": 152}}}, "MODEL.RESNETS.DEPTH"),
+        ({"MODEL": {"RESNETS": {"RADIX": 2}}}, "mask_rcnn_ResNeSt_50_FPN"),  # only the cascades are built
+        ({"MODEL": {"RPN": {"IN_FEATURES": ["p2", "p7"]}}}, "MODEL.RPN.IN_FEATURES"),
         ({"MODEL": {"RESNETS": {"RES5_DILATION": 2}}}, "MODEL.RESNETS.RES5_DILATION"),
         ({"MODEL": {"BACKBONE": {"NAME": "build_regnet_fpn_backbone"}}}, "MODEL.BACKBONE.NAME"),
         ({"MODEL": {"ROI_HEADS": {"NAME": "MyHeads"}}}, "MODEL.ROI_HEADS.NAME"),
@@ -231,8 +235,8 @@ def test_class_count_mismatch_names_num_classes():
     "name, override, option",
     [
         ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"RESNETS": {"NORM": "GN"}}, "MODEL.RESNETS.NORM"),
-        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"FPN": {"NORM": "SyncBN"}}, "MODEL.FPN.NORM"),
-        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_BOX_HEAD": {"NORM": "BN"}}, "MODEL.ROI_BOX_HEAD.NORM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"FPN": {"NORM": "FrozenBN"}}, "MODEL.FPN.NORM"),
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_BOX_HEAD": {"NORM": "FrozenBN"}}, "MODEL.ROI_BOX_HEAD.NORM"),
         ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ROI_BOX_HEAD": {"POOLER_TYPE": "ROIPool"}},
          "MODEL.ROI_BOX_HEAD.POOLER_TYPE"),
         ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"ANCHOR_GENERATOR": {"OFFSET": 0.5}},
@@ -268,3 +272,46 @@ def test_python_yaml_tags_are_refused_not_evaluated(tmp_path):
     path.write_text('MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval ["[[32]]"]\n')
     with pytest.raises(UnsupportedConfigError, match="Python YAML tag"):
         load_d2_config(path)
+
+
+LIVECELL_NAMES = ["anchor_based/livecell_config.yaml"] + [
+    f"anchor_based/{line}_config.yaml" for line in ("a172", "bt474", "bv2", "huh7", "mcf7", "shsy5y", "skbr3", "skov3")
+]
+
+
+@pytest.mark.parametrize("name", LIVECELL_NAMES)
+def test_livecell_anchor_based_configs_are_bundled_with_their_quirks(name):
+    cfg = load_d2_config("model/" + name)  # a LIVECell checkout path resolves to the bundled copy
+    assert d2_architecture(cfg) == "cascade_mask_rcnn_ResNeSt_200_FPN"
+    mc = config_to_model_config(cfg, ("cell",))
+    assert mc.arch == "cascade_mask_rcnn_ResNeSt_200_FPN"
+    assert mc.rpn_in_features == ("p2", "p2", "p3", "p4", "p5", "p6")
+    assert mc.anchor_sizes == ((4,), (9,), (17,), (31,), (64,), (127,))
+    assert mc.aspect_ratios == (0.25, 0.5, 1.0, 2.0, 4.0)
+    assert (mc.fpn_norm, mc.box_head_norm, mc.mask_head_norm) == ("BN", "BN", "BN")
+    assert (mc.box_head_convs, mc.box_head_fcs, mc.mask_head_convs) == (4, 1, 8)
+    assert mc.deform_on_per_stage == (False, True, True, True) and mc.deform_modulated and mc.deform_num_groups == 2
+    assert mc.pixel_mean == (128.0,) * 3 and mc.pixel_std == (11.578,) * 3 and mc.input_format == "BGR"
+    assert mc.freeze_at == 0 and mc.detections_per_img == 3000
+    assert (mc.rpn_pre_nms_top_n_test, mc.rpn_post_nms_top_n_test) == (6000, 3000)
+    assert (mc.min_size_test, mc.max_size_test) == (800, 1333)  # not in the file: detectron2's defaults
+    assert mc.min_size_train == (440, 480, 520, 560, 580, 620)
+    assert mc.provenance["d2_resnets_norm"] == "SyncBN"
+
+
+@pytest.mark.parametrize(
+    "name, arch, deform, mask_convs",
+    [
+        ("mask_cascade_rcnn_ResNeSt_50_FPN_syncBN_1x.yaml", "cascade_mask_rcnn_ResNeSt_50_FPN", False, 4),
+        ("mask_cascade_rcnn_ResNeSt_101_FPN_syncBN_1x.yaml", "cascade_mask_rcnn_ResNeSt_101_FPN", False, 4),
+        ("mask_cascade_rcnn_ResNeSt_200_FPN_syncBN_all_tricks_3x.yaml", "cascade_mask_rcnn_ResNeSt_200_FPN", False, 8),
+        ("mask_cascade_rcnn_ResNeSt_200_FPN_dcn_syncBN_all_tricks_3x.yaml", "cascade_mask_rcnn_ResNeSt_200_FPN", True, 8),
+    ],
+)
+def test_detectron2_resnest_coco_cascades_are_bundled(name, arch, deform, mask_convs):
+    cfg = _zoo("COCO-InstanceSegmentation/" + name)
+    mc = config_to_model_config(cfg, ("a", "b", "c"))
+    assert mc.arch == arch and mc.mask_head_convs == mask_convs and mc.input_format == "RGB"
+    assert mc.rpn_in_features == ("p2", "p3", "p4", "p5", "p6") and len(mc.anchor_sizes) == 5
+    assert mc.deform_on_per_stage == ((False, True, True, True) if deform else (False,) * 4)
+    assert mc.deform_modulated == deform and mc.fpn_norm == "BN" and mc.freeze_at == 2

@@ -55,6 +55,8 @@ def _d2_block(rest: str) -> str:
 
 def project_to_d2(name: str, *, c4: bool, box_convs: int) -> str:
     body = "backbone." if c4 else "backbone.bottom_up."
+    if name.startswith(("backbone.body.stem.", "backbone.body.res")):  # ResNeSt: detectron2's own names
+        return body + name[len("backbone.body.") :]
     if name.startswith("backbone.body."):
         rest = name[len("backbone.body.") :]
         if rest.startswith("conv1."):
@@ -74,10 +76,10 @@ def project_to_d2(name: str, *, c4: bool, box_convs: int) -> str:
     m = re.match(r"^rpn\.head\.(conv\.0\.0|cls_logits|bbox_pred)\.(.+)$", name)
     if m:
         return f"proposal_generator.rpn_head.{rpn[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"^roi_heads\.box_head\.(?:(\d)\.)?fc([67])\.(.+)$", name)
+    m = re.match(r"^roi_heads\.box_head\.(?:(\d)\.)?fc([67])\.(.+)$", name)  # noqa: E501
     if m:
         return "roi_heads.box_head." + (f"{m.group(1)}." if m.group(1) else "") + f"fc{int(m.group(2)) - 5}.{m.group(3)}"
-    m = re.match(r"^roi_heads\.box_head\.(?:(\d)\.)?(\d+)\.(?:(\d)\.)?(weight|bias)$", name)
+    m = re.match(r"^roi_heads\.box_head\.(?:(\d)\.)?(\d+)\.(?:(\d)\.)?(weight|bias|running_\w+|num_batches_tracked)$", name)
     if m:
         stage = f"{m.group(1)}." if m.group(1) else ""
         i = int(m.group(2))
@@ -216,6 +218,37 @@ def test_cascade_x152_round_trip(tmp_path):
     torch.save({"model": export_to_d2(model, config)}, weights)
     imported, _, _ = load_detectron2_model(weights, cfg_path, CLASSES)
     image = _image(1, 64, 96)
+    _assert_same(_outputs(model, image), _outputs(imported, image))
+
+
+def test_livecell_resnest_round_trip(tmp_path, monkeypatch):
+    """LIVECell's anchor-based config (bundled; ResNeSt-200 cut to a few blocks): detectron2's names for
+    the split-attention body, BatchNorm statistics in FPN and heads, the RPN on p2 twice."""
+    from napari_sartorius.models import resnest
+
+    monkeypatch.setitem(resnest.RESNEST_BLOCKS, 200, (1, 2, 1, 1))
+    torch.set_num_threads(1)
+    cfg_path = _config_file(tmp_path, "anchor_based/livecell_config.yaml", agnostic_box=True, post_nms=60,
+                            sizes="[[4], [9], [17], [31], [64], [127]]")  # fmt: skip
+    model, config = _random_model(cfg_path, 2)
+    assert config.arch == "cascade_mask_rcnn_ResNeSt_200_FPN" and config.rpn_in_features[:2] == ("p2", "p2")
+    with torch.no_grad():  # non-zero offsets and masks, so the modulated deformable convs are exercised
+        for name, p in model.named_parameters():
+            if ".conv2_offset." in name:
+                p.normal_(0, 1e-3)
+    d2_state = export_to_d2(model, config)
+    assert "backbone.bottom_up.res3.0.conv2.fc1.weight" in d2_state
+    assert "backbone.bottom_up.stem.conv1_2.norm.running_var" in d2_state
+    assert "backbone.fpn_lateral3.norm.running_mean" in d2_state
+    assert "roi_heads.box_head.1.conv4.norm.running_var" in d2_state
+    assert "roi_heads.mask_head.mask_fcn8.norm.running_mean" in d2_state
+    weights = tmp_path / "LIVECell_anchor_based_model.pth"
+    torch.save({"model": d2_state, "iteration": 1}, weights)
+    imported, imported_config, report = load_detectron2_model(weights, cfg_path, CLASSES)
+    assert imported_config == config.replace(provenance=imported_config.provenance)
+    assert not report.warnings
+    assert not report.ignored  # BatchNorm step counters have their place too
+    image = _image(2, 64, 96)
     _assert_same(_outputs(model, image), _outputs(imported, image))
 
 

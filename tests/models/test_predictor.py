@@ -193,3 +193,17 @@ def test_cpu_passes_take_cpu_batch_images_with_the_same_results(engine, monkeypa
         same_detections(a.boxes, a.scores, b.boxes, b.scores, labels_a=a.classes, labels_b=b.classes,
                         box_atol=1e-3, score_atol=1e-5)
     engine.cpu_batch = 1
+
+
+def test_engine_crops_equal_per_detection_numpy_pasting_of_the_model_outputs(engine):
+    # the engine pastes on the model's device in one batch (mask_paste); the CPU results are those of
+    # pasting each detection's mask with paste_mask_crop, as before
+    gray = _images()[0]
+    inst = engine.predict(gray)
+    with torch.inference_mode():
+        out = engine.model([image_to_tensor(gray)])[0]
+    assert len(inst) == len(out["boxes"]) > 0
+    for i, (mask, box) in enumerate(zip(out["masks"].numpy(), out["boxes"].numpy())):
+        ref, origin = paste_mask_crop(mask[0], box, gray.shape)
+        assert tuple(inst.mask_origins[i]) == origin
+        np.testing.assert_allclose(inst.masks[i], ref, rtol=0, atol=1e-6)

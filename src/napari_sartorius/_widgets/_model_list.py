@@ -102,9 +102,17 @@ class ModelList(Container):
         self._rows = Container(labels=False)
         self._rows.margins = (0, 0, 0, 0)
         self.add_button = PushButton(text="Add checkpoint...", tooltip="add a Mask R-CNN checkpoint file")
-        super().__init__(labels=False, widgets=[self._rows, self.add_button])
+        self.pretrained_button = PushButton(
+            text="Add pretrained...", tooltip="pick a pretrained model (LIVECell, COCO); downloaded once, then cached"
+        )
+        self._picker = None
+        self._dialog = None
+        buttons = Container(layout="horizontal", labels=False, widgets=[self.add_button, self.pretrained_button])
+        buttons.margins = (0, 0, 0, 0)
+        super().__init__(labels=False, widgets=[self._rows, buttons])
         self.margins = (0, 0, 0, 0)
         self.add_button.changed.connect(self._on_add_clicked)
+        self.pretrained_button.changed.connect(lambda *_: self.open_pretrained())
         self._append(ModelEntry(CLASSICAL_NAME))
 
     @property
@@ -178,6 +186,28 @@ class ModelList(Container):
 
     def _on_remove(self, entry: ModelEntry) -> None:
         self.remove(entry)
+
+    def open_pretrained(self):
+        """Show the pretrained-model picker (a small dialog, created once) and return it; a model it
+        fetches is added to the list."""
+        from qtpy.QtWidgets import QDialog, QVBoxLayout
+
+        from ._pretrained import PretrainedPicker
+
+        if self._picker is None:
+            self._picker = PretrainedPicker(self._add_fetched)
+            self._dialog = QDialog(self.native)
+            self._dialog.setWindowTitle("Add a pretrained model")
+            QVBoxLayout(self._dialog).addWidget(self._picker.native)
+        self._dialog.show()
+        self._dialog.raise_()
+        return self._picker
+
+    def _add_fetched(self, path: Path, name: str) -> None:
+        if any(e.path == Path(path).resolve() for e in self._entries):
+            self._picker.status.value = f"{name} is already in the model list"
+            return
+        self.add_checkpoint(path)
 
     def _on_add_clicked(self, *_):
         from napari.utils.notifications import show_error

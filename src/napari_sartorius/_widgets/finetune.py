@@ -39,6 +39,7 @@ from ..cell_types import DEFAULT_CLASSES
 from ..models.config import ARCH_NAMES
 from ._loss_plot import LossPlot
 from ._model_list import CHECKPOINT_FILTER
+from ._pretrained import fetch_start, pretrained_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -225,6 +226,8 @@ def _finetune_job(train_pairs, val_pairs, start, arch: str, settings_kw: dict, a
     from ..training.trainer import TrainProgress, TrainSettings, train
 
     settings = TrainSettings(**settings_kw, augment=AugmentationSettings(**aug_kw))
+    # a registry name (the "or pretrained" choice) becomes its cached checkpoint, downloaded once
+    start = yield from fetch_start(start, stop, lambda text: TrainProgress(0, settings.iters, message=text))
     yield TrainProgress(0, settings.iters, message="preparing the training data...")
 
     def dataset(pairs):
@@ -376,6 +379,7 @@ class FineTuneWidget(Container):
             label="Start from", mode="r", filter=CHECKPOINT_FILTER, nullable=True,
             tooltip="checkpoint to fine-tune (e.g. LIVECell-pretrained weights); empty: a fresh model",
         )
+        self.pretrained = pretrained_choice()
         self.architecture = ComboBox(
             label="Architecture", choices=ARCH_NAMES, value=DEFAULT_ARCH,
             tooltip="architecture of a fresh model (a checkpoint brings its own)",
@@ -453,6 +457,7 @@ class FineTuneWidget(Container):
                 self.clean_masks,
                 Label(value="<b>Model</b>"),
                 self.start_checkpoint,
+                self.pretrained,
                 self.architecture,
                 self.resume,
                 Label(value="<b>Training</b>"),
@@ -483,6 +488,7 @@ class FineTuneWidget(Container):
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.add_to_segment_button.changed.connect(lambda *_: self._on_add_to_segment_clicked())
         self.start_checkpoint.changed.connect(self._on_start_changed)
+        self.pretrained.changed.connect(lambda v: self._on_start_changed(v or self.start_checkpoint.value))
         # closing the dock (or the viewer) mid-run stops the trainer at its next iteration
         self.native.destroyed.connect(lambda *_: self._stop.set())
         self.aug_switches["crop"].changed.connect(lambda v: setattr(self.crop_fraction, "enabled", bool(v)))
@@ -635,7 +641,7 @@ class FineTuneWidget(Container):
             iters=iters,
             lr=float(self.learning_rate.value),
             batch_size=int(self.batch_size.value),
-            warmup_iters=min(100, iters // 10),
+            warmup_iters=100,
             device=str(self.device.value),
             out=str(out),
             resume=bool(self.resume.value),
@@ -684,6 +690,8 @@ class FineTuneWidget(Container):
             start = self._start_path()
             if start is not None and not start.is_file():
                 raise ValueError(f"the starting checkpoint {start} does not exist: pick a file or leave it empty")
+            if start is None and self.pretrained.value:
+                start = str(self.pretrained.value)  # fetched (downloaded once) in the worker
             out = self.output.value
             if out is None or str(out) in ("", "."):
                 raise ValueError("choose where to save the fine-tuned model (Save as)")

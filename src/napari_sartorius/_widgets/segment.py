@@ -2,7 +2,7 @@
 
 Threading and imports:
     * Models run in a napari worker thread on a generator (:func:`_segment_planes`) that wraps
-      :func:`napari_sartorius.inference.segment.segment_image`; each yielded progress step moves the
+      :func:`napari_sartorius.inference.segment.segment_stack`; each yielded progress step moves the
       dock's progress bar, Cancel sets the stop event the core generator polls and quits the worker.
     * This module imports neither torch nor the model code: the inference and engine modules are
       imported inside the worker on the first run (so napari starts without torch).
@@ -11,6 +11,11 @@ Live controls:
     The raw instances of the last run are cached (one :class:`~napari_sartorius.instances.Instances`
     per plane). Every live control re-renders them through
     :func:`napari_sartorius.postprocess.postprocess`, never through a model.
+
+Review: with several models or TTA every cell has an uncertainty (a features column); the embedded
+:class:`~napari_sartorius._widgets._review_panel.ReviewPanel` visits the most uncertain cells first.
+Its accept / delete marks on the dock's unedited result layer are recorded against the raw predictions
+(``reviewed`` column, deleted cells excluded from post-processing), so re-renders keep them.
 
 User edits are never overwritten: the dock keeps a copy of the array it last rendered; when the
 layer's data differs from it (painted, erased, filled, replaced) or the layer was deleted, the next
@@ -46,6 +51,7 @@ from ..cell_types import (
     SCORE_THRESHOLDS,
 )
 from ._model_list import ModelList
+from ._review_panel import RenderedReview, ReviewPanel
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -127,7 +133,7 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
     from ._torch_import import guard_torch_import
 
     guard_torch_import()  # the inference and model modules import torch
-    from ..inference.segment import segment_image
+    from ..inference.segment import segment_stack
 
     engines, weights = [], []
     for k, entry in enumerate(entries):
@@ -144,28 +150,27 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
         weights.append(entry.weight)
     if not engines:
         raise ValueError("none of the models could be loaded (see the warnings above)")
-    # segment_image checks that the models know the same classes (and maps their order onto the first's)
+    # segment_stack checks that the models know the same classes (and maps their order onto the first's)
     class_names = tuple(engines[0].class_names)
-    results = []
     n = len(planes)
-    for z in range(n):
-        if stop.is_set():
-            raise Cancelled()
-        image = _as_engine_input(planes[z])
-        gen = segment_image(image, engines, weights=weights, stop=stop, plane=z if n > 1 else None, **options)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as fin:
-                inst = fin.value
-                break
-            total = max(int(getattr(p, "total", 1)), 1)
-            frac = (z + min(int(getattr(p, "step", 0)), total) / total) / n
-            msg = str(getattr(p, "message", ""))
-            yield frac, (f"plane {z + 1}/{n}: {msg}" if n > 1 else msg), getattr(p, "warning", None)
-        if stop.is_set() or inst is None:
-            raise Cancelled()
-        results.append(inst)
+    if stop.is_set():
+        raise Cancelled()
+    stack = np.stack([_as_engine_input(planes[z]) for z in range(n)])
+    gen = segment_stack(stack, engines, weights=weights, stop=stop, **options)
+    results = None
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as fin:
+            results = fin.value
+            break
+        total = max(int(getattr(p, "total", 1)), 1)
+        msg = str(getattr(p, "message", ""))
+        if n == 1 and msg.startswith("plane 1/1: "):
+            msg = msg[len("plane 1/1: ") :]
+        yield min(int(getattr(p, "step", 0)), total) / total, msg, getattr(p, "warning", None)
+    if stop.is_set() or results is None:
+        raise Cancelled()
     yield 1.0, "post-processing", None
     return results, class_names
 
@@ -226,6 +231,7 @@ class SegmentCellsWidget(Container):
         self.last_render_ms = float("nan")
         self.last_cell_type: str | None = None
         self.last_error: str | None = None
+        self._review = RenderedReview()
         self.last_warnings: list[str] = []  # warnings of the run whose result is shown
 
         # -- input and models ---------------------------------------------------------------
@@ -268,6 +274,7 @@ class SegmentCellsWidget(Container):
         # -- export -------------------------------------------------------------------------
         self.export_layer = ComboBox(label="Labels", choices=self._labels_choices, nullable=True)
         self.export_button = PushButton(text="Export COCO JSON / Kaggle CSV...")
+        self.review = ReviewPanel(viewer, dock=self)
 
         super().__init__(
             widgets=[
@@ -288,6 +295,8 @@ class SegmentCellsWidget(Container):
                 self.max_overlap,
                 self.fill_holes,
                 self.keep_largest,
+                Label(value="<b>Review</b> (most uncertain cells first)"),
+                self.review,
                 Label(value="<b>Export</b>"),
                 self.export_layer,
                 self.export_button,
@@ -506,6 +515,7 @@ class SegmentCellsWidget(Container):
         from ..postprocess import CleanedCrops
 
         self._raw = list(raw)
+        self._review.reset(self._raw)
         self._crops = [CleanedCrops(inst) for inst in self._raw]
         self._class_names = class_names
         self._lead_shape = tuple(lead_shape)
@@ -545,35 +555,18 @@ class SegmentCellsWidget(Container):
         self.progress.value = 1000
 
     def _postprocess_all(self, settings):
-        from ..postprocess import postprocess
+        from ..postprocess import postprocess, stitch_planes
 
-        results = [postprocess(inst, settings, cache=c) for inst, c in zip(self._raw, self._crops)]
+        results = [
+            postprocess(inst, settings, cache=c, exclude=self._review.deleted_of(z))
+            for z, (inst, c) in enumerate(zip(self._raw, self._crops))
+        ]
         types = Counter(r.cell_type for r in results if r.cell_type is not None)
         cell_type = types.most_common(1)[0][0] if types else None
         self.last_cell_type = cell_type
-        if len(results) == 1 and not self._lead_shape:
-            r = results[0]
-            feats = dict(r.features)
-            feats["index"] = feats["label"]
-            return r.labels, feats, cell_type
-        total = sum(len(r) for r in results)
-        dtype = np.uint16 if total < 65535 else np.uint32
-        h, w = results[0].labels.shape
-        stack = np.zeros((len(results), h, w), dtype)
-        cols = {k: [] for k in ("label", "class", "score", "area", "plane")}
-        offset = 0
-        for z, r in enumerate(results):
-            lab = r.labels.astype(dtype, copy=False)
-            np.add(lab, offset, out=stack[z], where=lab > 0, casting="unsafe")
-            cols["label"].append(r.features["label"] + offset)
-            cols["class"].append(r.features["class"])
-            cols["score"].append(r.features["score"])
-            cols["area"].append(r.features["area"])
-            cols["plane"].append(np.full(len(r), z, np.int64))
-            offset += len(r)
-        feats = {k: np.concatenate(v) for k, v in cols.items()}
-        feats["index"] = feats["label"]
-        return stack.reshape(self._lead_shape + (h, w)), feats, cell_type
+        self._review.rendered(results)
+        labels, feats = stitch_planes(results, self._lead_shape)
+        return labels, feats, cell_type
 
     def layer_was_edited(self) -> bool:
         """True when the result layer's data differs from what the dock last rendered into it."""
@@ -613,6 +606,25 @@ class SegmentCellsWidget(Container):
             self.export_layer.reset_choices()
             self.export_layer.value = layer
         self._rendered = labels
+        self.review.follow(layer)
+
+    # -- review hooks (the review panel calls these for the dock's unedited result layer) -------
+    def owns_unedited(self, layer) -> bool:
+        """True when ``layer`` is this dock's result layer and was not edited since the last render."""
+        return layer is not None and layer is self.labels_layer and not self.layer_was_edited()
+
+    def review_mark(self, label: int) -> None:
+        """Record cell ``label`` of the result layer as reviewed, for this and later renders."""
+        self._review.mark_reviewed(label)
+
+    def review_delete(self, label: int) -> None:
+        """Delete cell ``label`` from the result layer and from later renders (not counted as an edit)."""
+        self._review.delete(label)
+        layer = self.labels_layer
+        data = layer.data
+        data[np.asarray(data) == label] = 0
+        layer.refresh()
+        self._rendered = np.asarray(data).copy()
 
     # -- export -----------------------------------------------------------------------------
     def export(self, path: str | Path, labels_layer=None, image_layer=None) -> list[str]:

@@ -10,6 +10,9 @@ the names in the file's order. ``category_ids`` remembers each name's id so writ
 Writing gives RLE segmentations (pycocotools, column-major), ``area`` (pixels), ``bbox``
 ``[x, y, w, h]`` of the mask, ``iscrowd`` 0, a ``score`` where scores are not all 1, and images with
 ``id``, ``file_name``, ``height``, ``width`` (plus ``cell_type`` when known, ignored by other tools).
+Predictions and reviewed layers also carry, per annotation or result, ``uncertainty`` (in [0, 1], from
+fusion; left out where undefined) and ``reviewed`` (bool, from the review panel); other tools ignore
+the extra keys, and reading keeps them as ``Instances.columns``.
 Each instance keeps its own mask, so overlapping annotations survive a round trip unchanged.
 
 **Results file** (a list of ``{"image_id", "category_id", "segmentation", "score", "bbox"}``, what
@@ -278,6 +281,7 @@ def coco_to_annotation_set(
         inst = instances_from_crops(
             size, crops, origins, cls, scores, np.asarray(boxes, np.float32).reshape(-1, 4)
         )
+        inst.columns = _review_columns(anns)
         cell_type = img.get("cell_type") if img.get("cell_type") in classes else None
         cell_type = cell_type or majority(classes[c] for c in cls)
         images.append(
@@ -341,13 +345,40 @@ def _instance_records(
                 f"image {im.image_id!r}: instance {i} has class index {k}, but the set has "
                 f"{len(class_names)} class names"
             )
-        yield {
+        rec = {
             "category_id": int(cat_ids[class_names[k]]),
             "segmentation": instance_to_coco_rle(inst, i, threshold),
             "area": area,
             "bbox": bbox,
             "score": float(inst.scores[i]),
         }
+        rec.update(_review_fields(inst, i))
+        yield rec
+
+
+def _review_fields(inst, i: int) -> dict:
+    """The per-instance ``uncertainty`` (when defined) and ``reviewed`` keys of a record."""
+    out = {}
+    u = inst.columns.get("uncertainty")
+    if u is not None and np.isfinite(u[i]):
+        out["uncertainty"] = round(float(u[i]), 6)
+    r = inst.columns.get("reviewed")
+    if r is not None:
+        out["reviewed"] = bool(r[i])
+    return out
+
+
+def _review_columns(anns: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """Instance columns from the records' ``uncertainty`` and ``reviewed`` keys: ``uncertainty``
+    when every record has a number (a cell drawn by hand has none: then the column is left out rather
+    than holding gaps), ``reviewed`` when any record has it (missing: False)."""
+    cols: dict[str, np.ndarray] = {}
+    if anns and all(isinstance(a.get("uncertainty"), (int, float)) and not isinstance(a.get("uncertainty"), bool)
+                    for a in anns):
+        cols["uncertainty"] = np.array([float(a["uncertainty"]) for a in anns], np.float32)
+    if any("reviewed" in a for a in anns):
+        cols["reviewed"] = np.array([bool(a.get("reviewed", False)) for a in anns], bool)
+    return cols
 
 
 def annotation_set_to_coco(
@@ -504,7 +535,7 @@ def results_to_annotation_set(
     for n, r in enumerate(results):
         iid = r["image_id"]
         if iid not in per_image:
-            per_image[iid] = {"crops": [], "origins": [], "cls": [], "scores": [], "boxes": []}
+            per_image[iid] = {"crops": [], "origins": [], "cls": [], "scores": [], "boxes": [], "records": []}
             if iid not in order:
                 order.append(iid)
         where = f"{source}: result {n} (image_id {iid})"
@@ -527,6 +558,7 @@ def results_to_annotation_set(
         p["cls"].append(k)
         p["scores"].append(float(r.get("score", 1.0)))
         p["boxes"].append(_bbox_xyxy(r, crop, origin))
+        p["records"].append(r)
 
     images = []
     seen: dict[str, Any] = {}
@@ -543,6 +575,7 @@ def results_to_annotation_set(
             sizes[iid], p["crops"], p["origins"], p["cls"], p["scores"],
             np.asarray(p["boxes"], np.float32).reshape(-1, 4),
         )
+        inst.columns = _review_columns(p.get("records", []))
         images.append(
             ImageAnnotations(
                 image_id=key,

@@ -48,15 +48,16 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from .anchor_matching import ChunkedMatchRPN
 from .anchors import CellAnchorGenerator
-from .backbones import C4_STRIDE, FPN_STRIDES, build_c4_backbone, build_fpn_backbone, group_norm
+from .backbones import FPN_STRIDES, build_c4_backbone, build_fpn_backbone, norm_layer
 from .c4 import Res5RoIHeads
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
-from .config import ARCH_NAMES, ModelConfig, check_arch
+from .config import ModelConfig
+from .registry import REGISTRY, arch_builder, check_arch
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
 from .pooler import RoIPooler
+from .rpn import LogitRankedRPN
 from .transform import CellTransform
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "CellMaskRCNN",
     "build_model",
     "parameter_count",
+    "count_parameters",
     "load_backbone_weights",
 ]
 
@@ -93,6 +95,26 @@ class Float32BoxPredictor(FastRCNNPredictor):
     def forward(self, x):
         scores, deltas = super().forward(x)
         return scores.float(), deltas.float()
+
+
+#: backbone output name of each RPN feature name (:attr:`ModelConfig.rpn_in_features`).
+FEATURE_KEYS = {"res4": "0", "p2": "0", "p3": "1", "p4": "2", "p5": "3", "p6": "pool"}
+
+
+class SelectedFeaturesRPN(LogitRankedRPN):
+    """The logit-ranked RPN (:class:`.rpn.LogitRankedRPN`) on the feature maps named by ``in_features``,
+    in that order, one anchor level each; a map may be listed twice (LIVECell's ``p2, p2, p3, p4, p5,
+    p6``): it then counts as two levels with their own anchors, top-k and NMS groups, and the shared
+    head gives both the same logits, exactly as detectron2 does with a repeated ``RPN.IN_FEATURES``
+    entry."""
+
+    def __init__(self, *args, in_features, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_features = tuple(in_features)
+
+    def forward(self, images, features, targets=None):
+        picked = {str(i): features[FEATURE_KEYS[name]] for i, name in enumerate(self.in_features)}
+        return super().forward(images, picked, targets)
 
 
 class CellMaskRCNN(GeneralizedRCNN):
@@ -165,10 +187,11 @@ def _transform(config: ModelConfig) -> CellTransform:
     )
 
 
-def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwork:
+def _rpn(config: ModelConfig, in_channels: int) -> RegionProposalNetwork:
+    strides = config.rpn_strides
     anchors = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, strides, round_anchors=config.round_anchors)
     head = Float32RPNHead(in_channels, anchors.num_anchors_per_location()[0])
-    return ChunkedMatchRPN(
+    return SelectedFeaturesRPN(
         anchors,
         head,
         fg_iou_thresh=config.rpn_fg_iou_thresh,
@@ -178,6 +201,7 @@ def _rpn(config: ModelConfig, in_channels: int, strides) -> RegionProposalNetwor
         pre_nms_top_n=dict(training=config.rpn_pre_nms_top_n_train, testing=config.rpn_pre_nms_top_n_test),
         post_nms_top_n=dict(training=config.rpn_post_nms_top_n_train, testing=config.rpn_post_nms_top_n_test),
         nms_thresh=config.rpn_nms_thresh,
+        in_features=config.rpn_in_features,
     )
 
 
@@ -196,7 +220,7 @@ def _fpn_box_head(config: ModelConfig) -> tuple[nn.Module, int]:
     convs, fcs, dim = config.box_head_convs, config.box_head_fcs, config.box_head_dim
     if convs == 0 and fcs == 2 and not config.box_head_norm:
         return TwoMLPHead(256 * 7 * 7, dim), dim
-    norm = group_norm if config.box_head_norm == "GN" else None
+    norm = norm_layer(config.box_head_norm)
     head = FastRCNNConvFCHead((256, 7, 7), [256] * convs, [dim] * fcs, norm_layer=norm)
     return head, (dim if fcs else 256 * 7 * 7)
 
@@ -221,7 +245,7 @@ def _mask_predictor(in_channels: int, num_classes: int) -> MaskRCNNPredictor:
 
 
 def _fpn_mask_branch(config: ModelConfig) -> tuple[RoIPooler, nn.Module, nn.Module]:
-    norm = group_norm if config.mask_head_norm == "GN" else None
+    norm = norm_layer(config.mask_head_norm)
     head = MaskRCNNHeads(256, [256] * config.mask_head_convs, 1, norm_layer=norm)
     for conv in head.modules():  # torchvision already draws these so; stated here as detectron2 does
         if isinstance(conv, nn.Conv2d):
@@ -251,13 +275,13 @@ def build_fpn_model(config: ModelConfig) -> CellMaskRCNN:
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
-    return CellMaskRCNN(backbone, _rpn(config, 256, FPN_STRIDES), roi_heads, _transform(config), config)
+    return CellMaskRCNN(backbone, _rpn(config, 256), roi_heads, _transform(config), config)
 
 
 def build_c4_model(config: ModelConfig) -> CellMaskRCNN:
     """Mask R-CNN C4 (R-50, R-101): RPN and RoIAlign on res4, res5 as the RoI head (:mod:`.c4`)."""
     backbone, res5 = build_c4_backbone(config)
-    pooler = RoIPooler(["0"], 14, (C4_STRIDE,), sampling_ratio=config.pooler_sampling_ratio, aligned=config.pooler_aligned)
+    pooler = RoIPooler(["0"], 14, config.rpn_strides, sampling_ratio=config.pooler_sampling_ratio, aligned=config.pooler_aligned)
     roi_heads = Res5RoIHeads(
         pooler,
         res5,
@@ -272,7 +296,7 @@ def build_c4_model(config: ModelConfig) -> CellMaskRCNN:
         nms_thresh=config.nms_thresh_test,
         detections_per_img=config.detections_per_img,
     )
-    return CellMaskRCNN(backbone, _rpn(config, 1024, (C4_STRIDE,)), roi_heads, _transform(config), config)
+    return CellMaskRCNN(backbone, _rpn(config, 1024), roi_heads, _transform(config), config)
 
 
 def build_cascade_model(config: ModelConfig) -> CellMaskRCNN:
@@ -299,7 +323,7 @@ def build_cascade_model(config: ModelConfig) -> CellMaskRCNN:
         nms_thresh=config.nms_thresh_test,
         detections_per_img=config.detections_per_img,
     )
-    return CellMaskRCNN(backbone, _rpn(config, 256, FPN_STRIDES), roi_heads, _transform(config), config)
+    return CellMaskRCNN(backbone, _rpn(config, 256), roi_heads, _transform(config), config)
 
 
 @dataclass(frozen=True)
@@ -313,27 +337,10 @@ class ArchSpec:
     description: str
 
 
+#: Every registered architecture (:mod:`.registry`) with its builder.
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "mask_rcnn_R_50_C4": ArchSpec(
-        "mask_rcnn_R_50_C4", "R_50", "C4", build_c4_model, "ResNet-50, RPN + RoIAlign on res4, res5 head"
-    ),
-    "mask_rcnn_R_50_FPN": ArchSpec("mask_rcnn_R_50_FPN", "R_50", "FPN", build_fpn_model, "ResNet-50 + FPN"),
-    "mask_rcnn_R_101_C4": ArchSpec(
-        "mask_rcnn_R_101_C4", "R_101", "C4", build_c4_model, "ResNet-101, RPN + RoIAlign on res4, res5 head"
-    ),
-    "mask_rcnn_R_101_FPN": ArchSpec("mask_rcnn_R_101_FPN", "R_101", "FPN", build_fpn_model, "ResNet-101 + FPN"),
-    "mask_rcnn_X_101_32x8d_FPN": ArchSpec(
-        "mask_rcnn_X_101_32x8d_FPN", "X_101_32x8d", "FPN", build_fpn_model, "ResNeXt-101 32x8d + FPN"
-    ),
-    "cascade_mask_rcnn_X_152_32x8d_FPN": ArchSpec(
-        "cascade_mask_rcnn_X_152_32x8d_FPN",
-        "X_152_32x8d",
-        "cascade",
-        build_cascade_model,
-        "ResNeXt-152 32x8d + FPN, deformable res3-res5, 3-stage cascade, GroupNorm heads",
-    ),
+    name: ArchSpec(name, info.body, info.kind, arch_builder(name), info.description) for name, info in REGISTRY.items()
 }
-assert tuple(ARCHITECTURES) == ARCH_NAMES
 
 
 def build_model(config: ModelConfig, *, weights_backbone=None) -> CellMaskRCNN:
@@ -350,16 +357,22 @@ def build_model(config: ModelConfig, *, weights_backbone=None) -> CellMaskRCNN:
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(f"build_model needs a ModelConfig, got {type(config).__name__}")
-    model = ARCHITECTURES[check_arch(config.arch)].builder(config)
+    model = arch_builder(check_arch(config.arch))(config)
     if weights_backbone is not None:
         load_backbone_weights(model, weights_backbone)
     return model
 
 
-@functools.lru_cache(maxsize=None)
 def parameter_count(arch: str) -> int:
-    """Number of parameters (trainable or frozen; FrozenBN statistics excluded) of ``arch`` with the
-    default three classes. Built on the meta device: no memory, no initialisation cost."""
+    """Number of parameters (trainable or frozen; BN statistics excluded) of ``arch`` with the default
+    three classes, as recorded in :mod:`.registry` (no model is built)."""
+    return REGISTRY[check_arch(arch)].parameters
+
+
+@functools.lru_cache(maxsize=None)
+def count_parameters(arch: str) -> int:
+    """:func:`parameter_count` measured: the model is built on the meta device (no memory, no
+    initialisation cost)."""
     check_arch(arch)
     with torch.device("meta"):
         model = build_model(ModelConfig(arch))

@@ -55,16 +55,21 @@ _BODIES = {
 
 
 def body_name(arch: str) -> str:
-    """``"R_50"``, ``"R_101"``, ``"X_101_32x8d"`` or ``"X_152_32x8d"`` for an architecture name."""
-    for name in _BODIES:
-        if f"_{name}_" in arch:
-            return name
-    raise ValueError(f"no backbone body for architecture {arch!r}")
+    """The body of an architecture (``"R_50"``, ``"X_152_32x8d"``, ``"ResNeSt_200"``, ...; :mod:`.registry`)."""
+    from .registry import arch_info
+
+    return arch_info(arch).body
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """detectron2's ``"GN"`` norm: 32 groups."""
     return nn.GroupNorm(32, channels)
+
+
+def norm_layer(name: str):
+    """The layer factory of a config norm name: ``""`` -> None, ``"GN"`` -> :func:`group_norm`, ``"BN"`` ->
+    ``nn.BatchNorm2d`` (detectron2's BN/SyncBN; ``training.distributed`` makes it SyncBatchNorm)."""
+    return {"": None, "GN": group_norm, "BN": nn.BatchNorm2d}[name]
 
 
 def build_resnet_body(config: ModelConfig) -> tv_resnet.ResNet:
@@ -120,16 +125,29 @@ def freeze_body(body: tv_resnet.ResNet, freeze_at: int) -> None:
 
 
 def build_fpn_backbone(config: ModelConfig) -> BackboneWithFPN:
-    """ResNet body + FPN with 256 channels: ``(B, 3, H, W)`` with H, W multiples of 32 ->
-    ``{"0": (B, 256, H/4, W/4), "1": H/8, "2": H/16, "3": H/32, "pool": H/64}``."""
-    body = build_resnet_body(config)
+    """ResNet/ResNeXt/ResNeSt body + FPN with 256 channels: ``(B, 3, H, W)`` with H, W multiples of 32
+    -> ``{"0": (B, 256, H/4, W/4), "1": H/8, "2": H/16, "3": H/32, "pool": H/64}``."""
+    if body_name(config.arch).startswith("ResNeSt_"):
+        from .resnest import build_resnest_body
+
+        body = build_resnest_body(
+            int(body_name(config.arch).split("_")[1]),
+            deform_on_per_stage=config.deform_on_per_stage,
+            deform_modulated=config.deform_modulated,
+            deform_num_groups=config.deform_num_groups,
+            freeze_at=config.freeze_at,
+        )
+        return_layers = {"res2": "0", "res3": "1", "res4": "2", "res5": "3"}
+    else:
+        body = build_resnet_body(config)
+        return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
     return BackboneWithFPN(
         body,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        return_layers=return_layers,
         in_channels_list=[256, 512, 1024, 2048],
         out_channels=256,
         extra_blocks=LastLevelMaxPool(),
-        norm_layer=group_norm if config.fpn_norm == "GN" else None,
+        norm_layer=norm_layer(config.fpn_norm),
     )
 
 

@@ -38,17 +38,8 @@ __all__ = [
     "DETECTRON2_MEAN_BGR",
 ]
 
-#: The six architectures, named as in detectron2's model zoo.
-ARCH_NAMES: tuple[str, ...] = (
-    "mask_rcnn_R_50_C4",
-    "mask_rcnn_R_50_FPN",
-    "mask_rcnn_R_101_C4",
-    "mask_rcnn_R_101_FPN",
-    "mask_rcnn_X_101_32x8d_FPN",
-    "cascade_mask_rcnn_X_152_32x8d_FPN",
-)
-C4_ARCHS: tuple[str, ...] = ("mask_rcnn_R_50_C4", "mask_rcnn_R_101_C4")
-FPN_ARCHS: tuple[str, ...] = tuple(a for a in ARCH_NAMES if a not in C4_ARCHS)
+# The registry (:mod:`.registry`) is the one list of architectures; re-exported here.
+from .registry import ARCH_NAMES, C4_ARCHS, FPN_ARCHS, arch_info, check_arch  # noqa: E402
 
 TORCHVISION_MEAN_RGB = (123.675, 116.28, 103.53)
 TORCHVISION_STD_RGB = (58.395, 57.12, 57.375)
@@ -56,13 +47,15 @@ DETECTRON2_MEAN_BGR = (103.53, 116.28, 123.675)
 
 _FPN_ANCHORS = ((8,), (16,), (32,), (64,), (128,))
 _C4_ANCHORS = ((8, 16, 32, 64, 128),)
+FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")
+NORMS = ("", "GN", "BN")
 
-
-def check_arch(arch: str) -> str:
-    """Return ``arch`` if it is one of :data:`ARCH_NAMES`, else raise ValueError listing them."""
-    if arch not in ARCH_NAMES:
-        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCH_NAMES)}")
-    return arch
+# LIVECell's anchor-based models (sartorius-research/LIVECell model/anchor_based/*.yaml): the RPN runs
+# on p2 twice (as two levels, anchor sizes 4 and 9) and on p3-p6; grey images normalised by 128 / 11.578.
+LIVECELL_RPN_IN_FEATURES = ("p2", "p2", "p3", "p4", "p5", "p6")
+LIVECELL_ANCHORS = ((4,), (9,), (17,), (31,), (64,), (127,))
+LIVECELL_PIXEL_MEAN = (128.0, 128.0, 128.0)
+LIVECELL_PIXEL_STD = (11.578, 11.578, 11.578)
 
 
 def arch_defaults(arch: str) -> dict[str, Any]:
@@ -73,22 +66,37 @@ def arch_defaults(arch: str) -> dict[str, Any]:
     ``cascade_mask_rcnn_X_152_32x8d_FPN`` follows detectron2's
     ``Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml``: deformable convolution in res3-res5,
     a box head of 4 convs + 1 fc with GroupNorm, an 8-conv GroupNorm mask head, class-agnostic boxes.
+    The ResNeSt cascades follow detectron2-ResNeSt's ``mask_cascade_rcnn_ResNeSt_*`` configs (BatchNorm
+    in FPN and heads, 4-conv-1-fc box head); ``cascade_mask_rcnn_ResNeSt_200_FPN`` follows LIVECell's
+    anchor-based configs: modulated deformable convs (2 groups) in res3-res5, an 8-conv mask head, the
+    RPN on ``p2, p2, p3, p4, p5, p6`` with anchor sizes 4, 9, 17, 31, 64, 127, pixel mean 128 and std
+    11.578, up to 3000 detections.
     """
-    check_arch(arch)
-    c4 = arch in C4_ARCHS
+    info = arch_info(arch)
+    c4 = info.is_c4
     x152 = arch == "cascade_mask_rcnn_X_152_32x8d_FPN"
+    resnest = info.is_resnest
+    livecell = arch == "cascade_mask_rcnn_ResNeSt_200_FPN"
+    head_norm = "GN" if x152 else ("BN" if resnest else "")
     return {
-        "anchor_sizes": _C4_ANCHORS if c4 else _FPN_ANCHORS,
-        "deform_on_per_stage": (False, True, True, True) if x152 else (False, False, False, False),
-        "box_head_convs": 4 if x152 else 0,
-        "box_head_fcs": 1 if x152 else (0 if c4 else 2),
-        "box_head_norm": "GN" if x152 else "",
-        "mask_head_convs": 8 if x152 else (0 if c4 else 4),
-        "mask_head_norm": "GN" if x152 else "",
+        "pixel_mean": LIVECELL_PIXEL_MEAN if livecell else TORCHVISION_MEAN_RGB,
+        "pixel_std": LIVECELL_PIXEL_STD if livecell else TORCHVISION_STD_RGB,
+        "rpn_in_features": ("res4",) if c4 else (LIVECELL_RPN_IN_FEATURES if livecell else FPN_LEVELS),
+        "anchor_sizes": _C4_ANCHORS if c4 else (LIVECELL_ANCHORS if livecell else _FPN_ANCHORS),
+        "deform_on_per_stage": (False, True, True, True) if (x152 or livecell) else (False, False, False, False),
+        "deform_modulated": livecell,
+        "deform_num_groups": 2 if livecell else 1,
+        "fpn_norm": "BN" if resnest else "",
+        "box_head_convs": 4 if (x152 or resnest) else 0,
+        "box_head_fcs": 1 if (x152 or resnest) else (0 if c4 else 2),
+        "box_head_norm": head_norm,
+        "mask_head_convs": 8 if (x152 or livecell) else (0 if c4 else 4),
+        "mask_head_norm": head_norm,
         "mask_size": 14 if c4 else 28,
         # C4 runs the whole res5 stage per proposal: keep the count near detectron2's (1000).
         "rpn_pre_nms_top_n_test": 6000,
         "rpn_post_nms_top_n_test": 2000 if c4 else 3000,
+        "detections_per_img": 3000 if livecell else 1000,
     }
 
 
@@ -115,9 +123,11 @@ class ModelConfig:
         freeze_at: freeze the stem (1) and the stages up to res``freeze_at`` (2 = stem + res2).
         deform_on_per_stage: deformable 3x3 convs in res2..res5.
         deform_modulated, deform_num_groups: DCNv2 modulation (mask) and offset groups.
-        fpn_norm: "" or "GN" (GroupNorm, 32 groups) in the FPN convolutions.
-        anchor_sizes: one tuple of sizes (pixels, at the network's input scale) per feature level:
-            5 levels (P2-P6) for FPN, 1 (res4) for C4.
+        fpn_norm: "", "GN" (GroupNorm, 32 groups) or "BN" (BatchNorm; SyncBN under torchrun) in the
+            FPN convolutions.
+        rpn_in_features: the feature maps the RPN runs on, one anchor level each: ``("res4",)`` for
+            C4; FPN levels ``"p2"``..``"p6"`` otherwise, a level may repeat (LIVECell: p2 twice).
+        anchor_sizes: one tuple of sizes (pixels, at the network's input scale) per RPN feature map.
         aspect_ratios: anchor height / width, the same at every level.
         round_anchors: torchvision anchor convention (corners rounded to integers, strides inferred as
             padded input size // feature size) instead of detectron2's (exact corners, fixed strides).
@@ -136,8 +146,8 @@ class ModelConfig:
     arch: str
     class_names: tuple[str, ...] = DEFAULT_CLASSES
     input_format: str = "RGB"
-    pixel_mean: tuple[float, float, float] = TORCHVISION_MEAN_RGB
-    pixel_std: tuple[float, float, float] = TORCHVISION_STD_RGB
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
     min_size_test: int = 1024
     max_size_test: int = 2000
     min_size_train: tuple[int, ...] = (640, 704, 768, 832, 896, 960, 1024)
@@ -146,10 +156,11 @@ class ModelConfig:
     stride_in_1x1: bool = False
     freeze_at: int = 2
     deform_on_per_stage: tuple[bool, bool, bool, bool] | None = None
-    deform_modulated: bool = False
-    deform_num_groups: int = 1
-    fpn_norm: str = ""
+    deform_modulated: bool | None = None
+    deform_num_groups: int | None = None
+    fpn_norm: str | None = None
     # anchors and RPN
+    rpn_in_features: tuple[str, ...] | None = None
     anchor_sizes: tuple[tuple[float, ...], ...] | None = None
     aspect_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     round_anchors: bool = False
@@ -185,7 +196,7 @@ class ModelConfig:
     # inference
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
-    detections_per_img: int = 1000
+    detections_per_img: int | None = None
     provenance: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -201,6 +212,10 @@ class ModelConfig:
         set_("pixel_std", _tuple(self.pixel_std))
         set_("min_size_train", _tuple(self.min_size_train, int))
         set_("deform_on_per_stage", _tuple(self.deform_on_per_stage, bool))
+        set_("deform_modulated", bool(self.deform_modulated))
+        set_("deform_num_groups", int(self.deform_num_groups))
+        set_("rpn_in_features", tuple(str(f) for f in self.rpn_in_features))
+        set_("detections_per_img", int(self.detections_per_img))
         set_("anchor_sizes", tuple(_tuple(level) for level in self.anchor_sizes))
         set_("aspect_ratios", _tuple(self.aspect_ratios))
         set_("bbox_reg_weights", _tuple(self.bbox_reg_weights))
@@ -217,11 +232,16 @@ class ModelConfig:
 
     @property
     def is_c4(self) -> bool:
-        return self.arch in C4_ARCHS
+        return arch_info(self.arch).is_c4
 
     @property
     def is_cascade(self) -> bool:
-        return self.arch.startswith("cascade_")
+        return arch_info(self.arch).is_cascade
+
+    @property
+    def rpn_strides(self) -> tuple[int, ...]:
+        """Stride (input pixels) of each RPN feature map: 16 for res4, ``2 ** k`` for ``p<k>``."""
+        return tuple(16 if f == "res4" else 2 ** int(f[1:]) for f in self.rpn_in_features)
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with ``changes`` applied (validated)."""
@@ -255,11 +275,15 @@ class ModelConfig:
         if not 0 <= self.freeze_at <= 5:
             bad(f"freeze_at must be in 0..5, got {self.freeze_at}")
         for name in ("fpn_norm", "box_head_norm", "mask_head_norm"):
-            if getattr(self, name) not in ("", "GN"):
-                bad(f"{name} must be '' or 'GN', got {getattr(self, name)!r}")
-        levels = 1 if self.is_c4 else 5
+            if getattr(self, name) not in NORMS:
+                bad(f"{name} must be '', 'GN' or 'BN', got {getattr(self, name)!r}")
+        if self.is_c4 and self.rpn_in_features != ("res4",):
+            bad(f"rpn_in_features of a C4 model is ('res4',), got {self.rpn_in_features}")
+        if not self.is_c4 and (not self.rpn_in_features or any(f not in FPN_LEVELS for f in self.rpn_in_features)):
+            bad(f"rpn_in_features must name FPN levels among {', '.join(FPN_LEVELS)}, got {self.rpn_in_features}")
+        levels = len(self.rpn_in_features)
         if len(self.anchor_sizes) != levels:
-            kind = "C4 (res4)" if self.is_c4 else "FPN (P2-P6)"
+            kind = "C4 (res4)" if self.is_c4 else f"the RPN features {', '.join(self.rpn_in_features)}"
             bad(f"anchor_sizes needs {levels} level(s) for {kind}, got {len(self.anchor_sizes)}")
         if len({len(s) for s in self.anchor_sizes}) != 1:
             bad("every anchor level needs the same number of sizes (the RPN head is shared)")

@@ -134,6 +134,13 @@ D2_DEFAULTS: dict[str, Any] = {
             "DEFORM_ON_PER_STAGE": [False, False, False, False],
             "DEFORM_MODULATED": False,
             "DEFORM_NUM_GROUPS": 1,
+            # detectron2-ResNeSt's additions (chongruo/detectron2-ResNeSt config/defaults.py); RADIX > 1
+            # switches DEEP_STEM, AVD and AVG_DOWN on whatever they say.
+            "RADIX": 1,
+            "DEEP_STEM": False,
+            "AVD": False,
+            "AVG_DOWN": False,
+            "BOTTLENECK_WIDTH": 64,
         },
     },
     "INPUT": {
@@ -260,6 +267,10 @@ BUNDLED_CONFIGS: dict[str, dict] = {
         "INPUT": {"MIN_SIZE_TRAIN": [640, 864], "MIN_SIZE_TRAIN_SAMPLING": "range", "MAX_SIZE_TRAIN": 1440},
     },
 }
+
+from .d2_zoo_resnest import RESNEST_CONFIGS  # noqa: E402
+
+BUNDLED_CONFIGS.update(RESNEST_CONFIGS)  # LIVECell's anchor-based and detectron2-ResNeSt's cascades
 
 _MAX_BASE_DEPTH = 16
 
@@ -408,15 +419,15 @@ def _get(cfg: Mapping, dotted: str) -> Any:
     return node
 
 
-#: The six architectures, named as in detectron2's model zoo.
-ARCHITECTURES = (
-    "mask_rcnn_R_50_C4",
-    "mask_rcnn_R_50_FPN",
-    "mask_rcnn_R_101_C4",
-    "mask_rcnn_R_101_FPN",
-    "mask_rcnn_X_101_32x8d_FPN",
-    "cascade_mask_rcnn_X_152_32x8d_FPN",
-)
+#: The project's architectures (:mod:`.registry`), named as in detectron2's model zoo.
+from .registry import ARCH_NAMES as ARCHITECTURES  # noqa: E402
+
+
+_RESNEST_ARCHS = tuple(a for a in ARCHITECTURES if "_ResNeSt_" in a)
+# FPN / head norms: detectron2 name -> project name (SyncBN is BatchNorm on one process, SyncBatchNorm
+# under torchrun).
+_NORMS = {"": "", "GN": "GN", "BN": "BN", "SyncBN": "BN", "nnSyncBN": "BN"}
+_NORMS_TEXT = "'', 'GN', or 'BN'/'SyncBN'/'nnSyncBN' (BatchNorm)"
 
 
 def _unsupported(option: str, value: Any, supported: str, where: str = "") -> UnsupportedConfigError:
@@ -458,8 +469,13 @@ def d2_architecture(cfg: Mapping) -> str:
     _expect(cfg, m + "ROI_MASK_HEAD.NAME", ["MaskRCNNConvUpsampleHead"])
     _expect(cfg, m + "ROI_BOX_HEAD.USE_SIGMOID_CE", [False], "False (softmax classifier)")
     _expect(cfg, m + "RESNETS.RES5_DILATION", [1], "1 (no DC5 dilation)")
-    if "RADIX" in cfg["MODEL"]["RESNETS"] and _get(cfg, m + "RESNETS.RADIX") not in (0, 1):
-        raise _unsupported(m + "RESNETS.RADIX", _get(cfg, m + "RESNETS.RADIX"), "1 (ResNeSt split attention is not built)")
+    radix = _get(cfg, m + "RESNETS.RADIX")
+    if radix not in (0, 1, 2):
+        raise _unsupported(m + "RESNETS.RADIX", radix, "1 (ResNet/ResNeXt) or 2 (ResNeSt)")
+    resnest = radix == 2
+    if not resnest:
+        for key in ("DEEP_STEM", "AVD", "AVG_DOWN"):
+            _expect(cfg, m + "RESNETS." + key, [False], "False (ResNeSt tricks are built with RADIX 2 only)")
     fmt = _get(cfg, "INPUT.FORMAT")
     if fmt not in ("BGR", "RGB"):
         raise _unsupported("INPUT.FORMAT", fmt, "'BGR' or 'RGB' (3-channel input)")
@@ -472,7 +488,14 @@ def d2_architecture(cfg: Mapping) -> str:
     depth = _get(cfg, m + "RESNETS.DEPTH")
     groups = _get(cfg, m + "RESNETS.NUM_GROUPS")
     width = _get(cfg, m + "RESNETS.WIDTH_PER_GROUP")
-    if (groups, width) == (1, 64):
+    if resnest:
+        _expect(cfg, m + "RESNETS.BOTTLENECK_WIDTH", [64])
+        if (groups, width) != (1, 64):
+            raise _unsupported(m + "RESNETS.NUM_GROUPS/WIDTH_PER_GROUP", (groups, width), "(1, 64) for ResNeSt")
+        body = {50: "ResNeSt_50", 101: "ResNeSt_101", 200: "ResNeSt_200"}.get(depth)
+        if body is None:
+            raise _unsupported(m + "RESNETS.DEPTH", depth, "50, 101 or 200 for ResNeSt (RADIX 2)")
+    elif (groups, width) == (1, 64):
         body = {50: "R_50", 101: "R_101"}.get(depth)
     elif (groups, width) == (32, 8):
         body = {101: "X_101_32x8d", 152: "X_152_32x8d"}.get(depth)
@@ -494,7 +517,9 @@ def d2_architecture(cfg: Mapping) -> str:
         levels = ["res2", "res3", "res4", "res5"]
         _expect(cfg, m + "FPN.IN_FEATURES", [levels])
         _expect(cfg, m + "FPN.FUSE_TYPE", ["sum"])
-        _expect(cfg, m + "RPN.IN_FEATURES", [["p2", "p3", "p4", "p5", "p6"]])
+        rpn_in = _get(cfg, m + "RPN.IN_FEATURES")
+        if not rpn_in or any(f not in ("p2", "p3", "p4", "p5", "p6") for f in rpn_in):
+            raise _unsupported(m + "RPN.IN_FEATURES", rpn_in, "FPN levels among p2-p6 (a level may repeat)")
         _expect(cfg, m + "ROI_HEADS.IN_FEATURES", [["p2", "p3", "p4", "p5"]])
         _expect(cfg, m + "ROI_BOX_HEAD.NAME", ["FastRCNNConvFCHead"])
         if heads == "StandardROIHeads":
@@ -531,7 +556,11 @@ def check_supported(cfg: Mapping) -> str:
     c4 = arch.endswith("_C4")
     _expect(cfg, m + "RESNETS.NORM", ["FrozenBN", "BN", "SyncBN", "nnSyncBN"],
             "FrozenBN, or BN/SyncBN (frozen to their running statistics at inference)")  # fmt: skip
-    _expect(cfg, m + "RESNETS.STEM_OUT_CHANNELS", [64])
+    resnest = arch in _RESNEST_ARCHS
+    if resnest:  # the deep stem's width is fixed by the depth; STEM_OUT_CHANNELS is not read
+        _expect(cfg, m + "RESNETS.STRIDE_IN_1X1", [False], "False (ResNeSt's avd strides after the 3x3 conv)")
+    else:
+        _expect(cfg, m + "RESNETS.STEM_OUT_CHANNELS", [64])
     _expect(cfg, m + "RESNETS.RES2_OUT_CHANNELS", [256])
     _expect(cfg, m + "ANCHOR_GENERATOR.OFFSET", [0, 0.0], "0.0")
     _expect(cfg, m + "RPN.CONV_DIMS", [[-1]], "[-1] (one 3x3 conv as wide as its input)")
@@ -554,12 +583,12 @@ def check_supported(cfg: Mapping) -> str:
             raise _unsupported(m + "RESNETS.DEFORM_ON_PER_STAGE", deform, "no deformable res5 in C4 models")
     else:
         _expect(cfg, m + "FPN.OUT_CHANNELS", [256])
-        _expect(cfg, m + "FPN.NORM", ["", "GN"])
+        _expect(cfg, m + "FPN.NORM", list(_NORMS), _NORMS_TEXT)
         _expect(cfg, m + "ROI_BOX_HEAD.POOLER_RESOLUTION", [7])
         _expect(cfg, m + "ROI_MASK_HEAD.POOLER_RESOLUTION", [14])
         _expect(cfg, m + "ROI_BOX_HEAD.CONV_DIM", [256])
-        _expect(cfg, m + "ROI_BOX_HEAD.NORM", ["", "GN"])
-        _expect(cfg, m + "ROI_MASK_HEAD.NORM", ["", "GN"])
+        _expect(cfg, m + "ROI_BOX_HEAD.NORM", list(_NORMS), _NORMS_TEXT)
+        _expect(cfg, m + "ROI_MASK_HEAD.NORM", list(_NORMS), _NORMS_TEXT)
         if _get(cfg, m + "ROI_BOX_HEAD.NUM_CONV") + _get(cfg, m + "ROI_BOX_HEAD.NUM_FC") == 0:
             raise _unsupported(m + "ROI_BOX_HEAD.NUM_CONV/NUM_FC", (0, 0), "at least one conv or fc layer")
     if arch.startswith("cascade_"):
@@ -569,7 +598,7 @@ def check_supported(cfg: Mapping) -> str:
         if len(ious) != len(weights) or not ious:
             raise _unsupported(m + "ROI_BOX_CASCADE_HEAD.IOUS", ious, "one IoU per BBOX_REG_WEIGHTS entry")
     sizes = _get(cfg, m + "ANCHOR_GENERATOR.SIZES")
-    levels = 1 if c4 else 5
+    levels = 1 if c4 else len(_get(cfg, m + "RPN.IN_FEATURES"))
     if len(sizes) not in (1, levels):
         raise _unsupported(m + "ANCHOR_GENERATOR.SIZES", sizes, f"1 or {levels} lists of sizes")
     if len({len(s) for s in sizes}) != 1:
@@ -626,8 +655,9 @@ def config_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenan
         )
     c4 = arch.endswith("_C4")
     sizes = model["ANCHOR_GENERATOR"]["SIZES"]
-    if not c4 and len(sizes) == 1:
-        sizes = sizes * 5
+    rpn_in = ("res4",) if c4 else tuple(model["RPN"]["IN_FEATURES"])
+    if len(sizes) == 1:
+        sizes = sizes * len(rpn_in)
     box, mask, rpn, heads, res = (
         model["ROI_BOX_HEAD"], model["ROI_MASK_HEAD"], model["RPN"], model["ROI_HEADS"], model["RESNETS"]
     )
@@ -655,7 +685,8 @@ def config_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenan
         deform_on_per_stage=tuple(bool(v) for v in res["DEFORM_ON_PER_STAGE"]),
         deform_modulated=bool(res["DEFORM_MODULATED"]),
         deform_num_groups=int(res["DEFORM_NUM_GROUPS"]),
-        fpn_norm="" if c4 else model["FPN"]["NORM"],
+        fpn_norm="" if c4 else _NORMS[model["FPN"]["NORM"]],
+        rpn_in_features=rpn_in,
         anchor_sizes=tuple(tuple(float(s) for s in level) for level in sizes),
         aspect_ratios=tuple(float(a) for a in model["ANCHOR_GENERATOR"]["ASPECT_RATIOS"][0]),
         round_anchors=False,
@@ -675,10 +706,10 @@ def config_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenan
         pooler_sampling_ratio=int(box["POOLER_SAMPLING_RATIO"]),
         box_head_convs=0 if c4 else int(box["NUM_CONV"]),
         box_head_fcs=0 if c4 else int(box["NUM_FC"]),
-        box_head_norm="" if c4 else box["NORM"],
+        box_head_norm="" if c4 else _NORMS[box["NORM"]],
         box_head_dim=int(box["FC_DIM"]),
         mask_head_convs=0 if c4 else int(mask["NUM_CONV"]),
-        mask_head_norm="" if c4 else mask["NORM"],
+        mask_head_norm="" if c4 else _NORMS[mask["NORM"]],
         bbox_reg_weights=tuple(float(w) for w in box["BBOX_REG_WEIGHTS"]),
         cascade_iou_thresholds=tuple(float(v) for v in model["ROI_BOX_CASCADE_HEAD"]["IOUS"]),
         cascade_bbox_reg_weights=tuple(

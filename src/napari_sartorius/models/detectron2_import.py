@@ -184,7 +184,8 @@ _BLOCK_PARTS = [
 ]
 _STEM = re.compile(r"^stem\.conv1\.(?:(weight)|norm\.(weight|bias|running_mean|running_var|num_batches_tracked))$")
 _RES = re.compile(r"^res([2-5])\.(\d+)\.(.+)$")
-_FPN = re.compile(r"^backbone\.fpn_(lateral|output)([2-5])\.(?:(weight|bias)|norm\.(weight|bias))$")
+_BN = r"weight|bias|running_mean|running_var|num_batches_tracked"  # a norm's tensors (GroupNorm: the first two)
+_FPN = re.compile(rf"^backbone\.fpn_(lateral|output)([2-5])\.(?:(weight|bias)|norm\.({_BN}))$")
 _RPN = {
     "proposal_generator.rpn_head.conv.weight": "rpn.head.conv.0.0.weight",
     "proposal_generator.rpn_head.conv.bias": "rpn.head.conv.0.0.bias",
@@ -193,14 +194,19 @@ _RPN = {
     "proposal_generator.rpn_head.anchor_deltas.weight": "rpn.head.bbox_pred.weight",
     "proposal_generator.rpn_head.anchor_deltas.bias": "rpn.head.bbox_pred.bias",
 }
-_BOX_HEAD = re.compile(r"^roi_heads\.box_head\.(?:(\d+)\.)?(conv|fc)(\d+)\.(?:(weight|bias)|norm\.(weight|bias))$")
+_BOX_HEAD = re.compile(rf"^roi_heads\.box_head\.(?:(\d+)\.)?(conv|fc)(\d+)\.(?:(weight|bias)|norm\.({_BN}))$")
 _BOX_PRED = re.compile(r"^roi_heads\.box_predictor\.(?:(\d+)\.)?(cls_score|bbox_pred)\.(weight|bias)$")
-_MASK_HEAD = re.compile(r"^roi_heads\.mask_head\.(?:mask_fcn(\d+)\.(?:(weight|bias)|norm\.(weight|bias))|(deconv|predictor)\.(weight|bias))$")
+_MASK_HEAD = re.compile(
+    rf"^roi_heads\.mask_head\.(?:mask_fcn(\d+)\.(?:(weight|bias)|norm\.({_BN}))|(deconv|predictor)\.(weight|bias))$"
+)
 _IGNORABLE = [
     (re.compile(r"(^|\.)num_batches_tracked$"), "BatchNorm step counter (unused at inference)"),
     (re.compile(r"^pixel_(mean|std)$"), "input normalisation (taken from the config)"),
     (re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.\d+$"), "anchors (rebuilt from the config)"),
 ]
+
+
+_RESNEST_STEM = "backbone.body.stem.conv1_1.weight"
 
 
 def _block_name(rest: str) -> str | None:
@@ -237,6 +243,9 @@ def d2_to_project_name(name: str, target: set[str], *, c4: bool) -> str | None:
     names here; their rows are rearranged by :func:`convert_detectron2_state`.
     """
     body_prefix = "backbone." if c4 else "backbone.bottom_up."
+    if name.startswith(body_prefix) and _RESNEST_STEM in target:
+        # ResNeSt bodies (:mod:`.resnest`) keep detectron2's module names under backbone.body.
+        return "backbone.body." + name[len(body_prefix) :]
     if name.startswith(body_prefix):
         rest = name[len(body_prefix) :]
         m = _STEM.match(rest)
@@ -370,10 +379,12 @@ def convert_detectron2_state(
     bad_shapes: list[str] = []
     for name, value in d2_state.items():
         reason = next((why for pat, why in _IGNORABLE if pat.search(name)), None)
-        if reason is not None:
+        new = None
+        if reason is None or name.endswith(".num_batches_tracked"):  # BatchNorm (not FrozenBN) keeps its counter
+            new = d2_to_project_name(name, target, c4=c4)
+        if reason is not None and new not in target:
             report.ignored[name] = reason
             continue
-        new = d2_to_project_name(name, target, c4=c4)
         if new is None or new not in target:
             unmapped.append(name)
             continue
@@ -399,6 +410,11 @@ def convert_detectron2_state(
             + "; ".join(bad_shapes[:5])
         )
     missing = [k for k in target_state if k not in out]
+    for k in list(missing):
+        # BatchNorm step counters (detectron2's are ignored above): unused at inference, start at 0.
+        if k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] + ".running_mean" in out:
+            out[k] = torch.zeros_like(target_state[k])
+            missing.remove(k)
     filled = []
     for k in list(missing):
         # detectron2's FrozenBatchNorm2d loads files without statistics as mean 0, var 1.

@@ -7,6 +7,8 @@ results come back in the image's own pixels, with raw scores (above ``config.sco
 overlaps kept) and masks as **crops**: the mask head's ``M x M`` probabilities resampled onto the integer
 pixel window around each box, exactly as detectron2's ``paste_masks_in_image`` samples them (bilinear at
 pixel centres, the ``M x M`` grid spanning the float box, zero outside it) but never into a full image.
+All detections of an image are pasted at once on the model's device (:func:`~.mask_paste.paste_crops`,
+equal to :func:`paste_mask_crop`'s NumPy resampling) and only the crops' own pixels are copied back.
 
 On CUDA the forward runs under fp16 autocast. A CUDA out-of-memory error prints a warning that names the
 batch and moves the engine to the CPU for good (the batch is then run again there).
@@ -190,35 +192,35 @@ class MaskRCNNEngine:
             self.device = torch.device("cpu")
             return self._run(tensors)
 
-    def _run(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """One eval forward on ``self.device``; outputs as float32 CPU tensors."""
-        with torch.inference_mode(), autocast_context(self.device, enabled=self.amp):
-            outputs = self.model([t.to(self.device) for t in tensors])
-        result = []
-        for out in outputs:
-            result.append(
-                {
-                    "boxes": out["boxes"].float().cpu(),
-                    "scores": out["scores"].float().cpu(),
-                    "labels": out["labels"].cpu(),
-                    "masks": out["masks"].float().cpu(),
-                }
-            )
+    def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
+        """One eval forward on ``self.device``, masks pasted into crops there (:mod:`.mask_paste`);
+        boxes, scores, labels as float32/int64 CPU tensors, ``crops`` and ``origins`` as NumPy."""
+        from .mask_paste import paste_crops
+
+        with torch.inference_mode():
+            with autocast_context(self.device, enabled=self.amp):
+                outputs = self.model([t.to(self.device) for t in tensors])
+            result = []
+            for out, t in zip(outputs, tensors):
+                boxes = out["boxes"].float()
+                crops, origins = paste_crops(out["masks"], boxes, tuple(t.shape[-2:]))
+                result.append(
+                    {
+                        "boxes": boxes.cpu(),
+                        "scores": out["scores"].float().cpu(),
+                        "labels": out["labels"].cpu(),
+                        "crops": crops,
+                        "origins": origins,
+                    }
+                )
         return result
 
-    def _to_instances(self, out: dict[str, torch.Tensor], image_size: tuple[int, int]) -> Instances:
-        boxes = out["boxes"].numpy().astype(np.float32)
-        masks = out["masks"].numpy()
-        crops, origins = [], []
-        for box, mask in zip(boxes, masks):
-            crop, origin = paste_mask_crop(mask[0], box, image_size)
-            crops.append(crop)
-            origins.append(origin)
+    def _to_instances(self, out: dict, image_size: tuple[int, int]) -> Instances:
         return Instances(
             image_size=image_size,
-            boxes=boxes,
+            boxes=out["boxes"].numpy().astype(np.float32),
             scores=out["scores"].numpy(),
             classes=out["labels"].numpy().astype(np.int64) - 1,
-            masks=crops,
-            mask_origins=np.asarray(origins, np.int64).reshape(-1, 2),
+            masks=out["crops"],
+            mask_origins=np.asarray(out["origins"], np.int64).reshape(-1, 2),
         )

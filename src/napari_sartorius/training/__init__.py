@@ -7,7 +7,11 @@ load torch; the submodules do.
 - :mod:`.data`: ``dataset_from_pairs``, ``dataset_from_annotations``, ``dataset_from_file``,
   ``concat_datasets``, ``TrainingDataset``.
 - :mod:`.augment`: ``AugmentationSettings``, ``TrainTransform`` and the v2 transforms.
-- :mod:`.trainer`: ``TrainSettings``, ``train`` (generator), ``run_training``, ``TrainProgress``,
+- :mod:`.settings` (no torch): ``TrainSettings``, ``AugmentationSettings``, ``TrainProgress``, ``TrainResult``,
+  ``TrainingError``, ``lr_at``, ``quick_settings``, ``multiscale_sizes``.
+- :mod:`.model_surgery`: class-head adaptation, frozen stages, fresh-model calibration.
+- :mod:`.checkpointing`: checkpoint paths, resumable state, provenance.
+- :mod:`.trainer`: ``train`` (generator), ``run_training``, re-exporting the settings types,
   ``TrainResult``, ``TrainingError``, ``adapt_num_classes``, ``evaluate_model``.
 - :mod:`.kfold`: ``stratified_kfold``, ``run_kfold``, ``KFoldResult``.
 - :mod:`.distributed`: torchrun / DistributedDataParallel helpers.
@@ -24,12 +28,14 @@ _EXPORTS = {
     "dataset_from_annotations": "data",
     "dataset_from_file": "data",
     "concat_datasets": "data",
-    "AugmentationSettings": "augment",
+    "AugmentationSettings": "settings",
     "TrainTransform": "augment",
-    "TrainSettings": "trainer",
-    "TrainProgress": "trainer",
-    "TrainResult": "trainer",
-    "TrainingError": "trainer",
+    "TrainSettings": "settings",
+    "TrainProgress": "settings",
+    "TrainResult": "settings",
+    "TrainingError": "settings",
+    "lr_at": "settings",
+    "multiscale_sizes": "settings",
     "train": "trainer",
     "run_training": "trainer",
     "adapt_num_classes": "trainer",

@@ -18,7 +18,6 @@ forks it and seeds it per sample, so a sample's augmentation depends on its seed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
 from ..instances import Instances
+from .settings import AugmentationSettings
 
 __all__ = [
     "AugmentationSettings",
@@ -45,84 +45,6 @@ __all__ = [
     "crop_instances",
     "masks_to_boxes",
 ]
-
-
-@dataclass(frozen=True)
-class AugmentationSettings:
-    """Which augmentations run during training and how strong they are (every default is here).
-
-    A strength of 0 (or ``False``) switches an augmentation off.
-
-    Attributes:
-        crop: take a random crop of each image before anything else.
-        crop_relative_range: ``(min_h, min_w)`` fractions; the crop's height is ``H * U(min_h, 1)`` and
-            its width ``W * U(min_w, 1)`` (detectron2's ``RandomCrop("relative_range", ...)``).
-        resize: multi-scale training: resize each image so that the short edge is one of ``short_edges``
-            (chosen uniformly) and the long edge at most ``max_size`` (detectron2's
-            ``ResizeShortestEdge(..., "choice")``). The trainer hands these sizes to the model's own
-            resize step; off = a single scale, the model's test size.
-        short_edges: candidate short-edge lengths in pixels; ``None`` = the model's ``min_size_train``.
-        max_size: long-edge limit in pixels; ``None`` = the model's training maximum.
-        hflip, vflip: flip left-right / up-down, each with probability 0.5.
-        rot90: rotate by a uniformly chosen multiple of 90 degrees.
-        rotation_degrees: additionally rotate by an angle uniform in ``[-deg, deg]`` (0 = off);
-            the uncovered corners are filled with the image's mean.
-        brightness: multiply the image by ``U(1 - b, 1 + b)``.
-        contrast: blend with the image's mean: ``mean + (x - mean) * U(1 - c, 1 + c)``.
-        saturation: blend with the luma (0.299 R + 0.587 G + 0.114 B) by ``U(1 - s, 1 + s)``. A
-            grayscale image replicated to 3 channels equals its luma, so this is a no-op there; it
-            acts on real RGB input only. It runs before ``lighting``, which may tint the channels.
-        lighting: standard deviation of AlexNet's PCA lighting noise (ImageNet eigenvectors), in
-            units of the 0..1 range (the offset is multiplied by 255; detectron2 adds it to 0..255
-            pixels unscaled, which makes its version ~255 times weaker).
-        min_instance_area: instances with fewer mask pixels after augmentation are dropped.
-        min_box_size: instances whose box is thinner than this (pixels) are dropped.
-    """
-
-    crop: bool = True
-    crop_relative_range: tuple[float, float] = (0.7, 0.7)
-    resize: bool = True
-    short_edges: tuple[int, ...] | None = None
-    max_size: int | None = None
-    hflip: bool = True
-    vflip: bool = True
-    rot90: bool = True
-    rotation_degrees: float = 0.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.0
-    lighting: float = 0.0
-    min_instance_area: int = 8
-    min_box_size: float = 2.0
-
-    def __post_init__(self) -> None:
-        lo_h, lo_w = self.crop_relative_range
-        if not (0 < lo_h <= 1 and 0 < lo_w <= 1):
-            raise ValueError(f"crop_relative_range must hold two fractions in (0, 1], got {self.crop_relative_range}")
-        if self.short_edges is not None and (not self.short_edges or min(self.short_edges) < 1):
-            raise ValueError(f"short_edges must be positive pixel sizes, got {self.short_edges}")
-        for name in ("brightness", "contrast", "saturation"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise ValueError(f"{name} strength must be in [0, 1), got {v}")
-        if self.lighting < 0 or self.rotation_degrees < 0:
-            raise ValueError("lighting and rotation_degrees must be >= 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AugmentationSettings:
-        d = dict(d)
-        for k in ("crop_relative_range", "short_edges"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    @classmethod
-    def none(cls) -> AugmentationSettings:
-        """Every augmentation off (resizing too): what validation and overfitting tests use."""
-        return cls(crop=False, resize=False, hflip=False, vflip=False, rot90=False, brightness=0.0, contrast=0.0)
 
 
 # -- geometric transforms ----------------------------------------------------------------------

@@ -95,7 +95,12 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """``model`` in DistributedDataParallel on ``ctx.device``.
 
     ``find_unused_parameters`` is on: a batch without any cell leaves the mask branch out of the graph.
+    BatchNorm layers (the ResNeSt architectures' body, FPN and heads) become ``SyncBatchNorm``, as
+    detectron2's SyncBN: statistics over the images of all processes (same parameters and state-dict
+    names; FrozenBN stays frozen).
     """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)

@@ -28,7 +28,6 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -36,416 +35,86 @@ import torch
 from torch import nn
 
 from ..device import is_out_of_memory, resolve_device
+from ..models.class_surgery import inherit_single_class
 from ..stopping import stop_requested
 from . import distributed as dist_utils
-from .augment import AugmentationSettings, TrainTransform
+from .augment import TrainTransform
+from .checkpointing import (
+    _load_optimizer_state,
+    _load_start,
+    _oom_message,
+    _save,
+    _save_optimizer_state,
+    _train_state_json,
+    _with_provenance,
+    best_path_for,
+    train_state_path,
+)
 from .data import TrainingDataset, collate
+from .model_surgery import (
+    _param_groups,
+    _set_train_sizes,
+    adapt_num_classes,
+    calibrated_statistics,
+    prepare_fresh_model,
+    set_freeze_at,
+)
+from .settings import (
+    CLIP_TYPES,
+    MAX_WARMUP_FRACTION,
+    SCHEDULES,
+    AugmentationSettings,
+    TrainingError,
+    TrainProgress,
+    TrainResult,
+    TrainSettings,
+    lr_at,
+    warmup_length,
+)
 
 __all__ = [
     "TrainSettings",
     "TrainProgress",
     "TrainResult",
     "TrainingError",
+    "AugmentationSettings",
     "train",
     "run_training",
     "adapt_num_classes",
     "set_freeze_at",
     "prepare_fresh_model",
+    "calibrated_statistics",
+    "clip_gradients",
     "lr_at",
+    "warmup_length",
     "best_path_for",
     "train_state_path",
     "evaluate_model",
+    "SCHEDULES",
+    "CLIP_TYPES",
+    "MAX_WARMUP_FRACTION",
+    "EXPLOSION_FACTOR",
 ]
 
-SCHEDULES = ("multistep", "cosine", "constant")
+#: a finite loss this many times the median of the run's first losses stops the run: it diverged
+EXPLOSION_FACTOR = 50.0
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (out of memory, diverged, unusable checkpoint); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Every knob of a training run, with its default.
-
-    Attributes:
-        iters: optimizer steps of the whole run (a resumed run continues up to this number).
-        lr: peak learning rate (detectron2 uses 0.02 for 16 images a step; 0.0025 per 2 images).
-        batch_size: images per forward pass (per process).
-        warmup_iters: linear warm-up length in iterations (capped at ``iters``).
-        warmup_factor: learning-rate fraction at iteration 0 of the warm-up.
-        schedule: "multistep" (x ``gamma`` at each fraction of ``steps``), "cosine" (to 0 at ``iters``),
-            or "constant".
-        steps: fractions of ``iters`` at which a multi-step schedule multiplies the lr by ``gamma``.
-        gamma: multi-step factor.
-        weight_decay: L2 penalty on weights (normalisation parameters are not decayed).
-        momentum: SGD momentum.
-        grad_accum: micro-batches whose gradients are summed before each step (memory-bound GPUs).
-        clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
-        freeze_at: None keeps the model's setting; 0 trains the whole backbone, 1 freezes the stem,
-            k >= 2 the stem and res2..res``k`` (detectron2's ``FREEZE_AT``; 5 freezes the whole body).
-        amp: mixed precision on CUDA (ignored on CPU).
-        checkpoint_period: save a checkpoint every this many iterations (0: only at the end).
-        eval_period: score the validation data every this many iterations (0: only at the end).
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        seed: seeds the model init (fresh models), the image order and the augmentations.
-        num_workers: DataLoader worker processes (0: load in the training thread).
-        out: where the final (and periodic) checkpoint goes; the best by validation score goes to
-            ``<stem>_best<suffix>`` beside it. None: nothing is written.
-        resume: when starting from a checkpoint that holds a training state, continue it
-            (iteration, optimizer) instead of starting a new run from its weights.
-        save_on_cancel: on a stop request, save the state reached (atomically) so it can be resumed.
-        augment: the augmentations (their resize sizes default to the model's training sizes).
-        min_size_train, max_size_train: override the model's training sizes (None: keep them).
-    """
-
-    iters: int = 2000
-    lr: float = 0.0025
-    batch_size: int = 2
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    schedule: str = "multistep"
-    steps: tuple[float, ...] = (0.75, 0.9)
-    gamma: float = 0.1
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    freeze_at: int | None = None
-    amp: bool = True
-    checkpoint_period: int = 500
-    eval_period: int = 0
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 0
-    out: str | None = None
-    resume: bool = True
-    save_on_cancel: bool = True
-    augment: AugmentationSettings = field(default_factory=AugmentationSettings)
-    min_size_train: tuple[int, ...] | None = None
-    max_size_train: int | None = None
-
-    def __post_init__(self) -> None:
-        def bad(msg: str):
-            raise ValueError(f"TrainSettings: {msg}")
-
-        if self.iters < 1:
-            bad(f"iters must be >= 1, got {self.iters}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad(f"lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            bad("batch_size and grad_accum must be >= 1")
-        if self.warmup_iters < 0 or not 0 < self.warmup_factor <= 1:
-            bad("warmup_iters must be >= 0 and warmup_factor in (0, 1]")
-        if self.schedule not in SCHEDULES:
-            bad(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if any(not 0 < s < 1 for s in self.steps) or list(self.steps) != sorted(self.steps):
-            bad(f"steps must be increasing fractions of iters in (0, 1), got {self.steps}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            bad("weight_decay must be >= 0 and momentum in [0, 1)")
-        if self.freeze_at is not None and not 0 <= self.freeze_at <= 5:
-            bad(f"freeze_at must be in 0..5, got {self.freeze_at}")
-        if self.checkpoint_period < 0 or self.eval_period < 0 or self.num_workers < 0:
-            bad("checkpoint_period, eval_period and num_workers must be >= 0")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            bad(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
-        if self.min_size_train is not None and (not self.min_size_train or min(self.min_size_train) < 1):
-            bad(f"min_size_train must be positive sizes, got {self.min_size_train}")
-        object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
-        if self.min_size_train is not None:
-            object.__setattr__(self, "min_size_train", tuple(int(s) for s in self.min_size_train))
-        if self.out is not None:
-            object.__setattr__(self, "out", str(self.out))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainSettings:
-        d = dict(d)
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
-        if isinstance(d.get("augment"), dict):
-            d["augment"] = AugmentationSettings.from_dict(d["augment"])
-        for k in ("steps", "min_size_train"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-
-@dataclass
-class TrainProgress:
-    """One report of a running training.
-
-    Attributes:
-        iteration: optimizer steps done so far (1..total; 0 before the first).
-        total: the run's ``iters``.
-        losses: the last iteration's losses by name (``loss_classifier``, ``loss_box_reg``,
-            ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``, ...) plus ``total``; empty for
-            event-only reports.
-        lr: learning rate of the last iteration.
-        seconds_left: estimated seconds to the end (median iteration time x iterations left), or None.
-        val_score: competition score on the validation data when it was just computed, else None.
-        message: a sentence for the user ("" when nothing notable happened).
-    """
-
-    iteration: int
-    total: int
-    losses: dict[str, float] = field(default_factory=dict)
-    lr: float = 0.0
-    seconds_left: float | None = None
-    val_score: float | None = None
-    message: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.iteration / max(self.total, 1)
-
-
-@dataclass
-class TrainResult:
-    """The outcome of :func:`train`.
-
-    Attributes:
-        model: the trained network (on the training device, eval mode; unwrapped from DDP).
-        config: its :class:`~napari_sartorius.models.config.ModelConfig`, provenance included.
-        iterations: optimizer steps done in total (including those of a resumed checkpoint).
-        cancelled: the run stopped on request before ``iters``.
-        checkpoint_path: the last checkpoint written (None when ``out`` is None or nothing was saved).
-        best_path: the checkpoint with the best validation score (None without validation data).
-        best_score: that score.
-        history: one dict per iteration: ``iteration``, ``lr``, ``total`` and each loss.
-        val_scores: ``(iteration, competition score, per-cell-type scores)`` of each validation.
-        messages: every non-empty progress message, in order.
-    """
-
-    model: nn.Module
-    config: Any
-    iterations: int
-    cancelled: bool = False
-    checkpoint_path: Path | None = None
-    best_path: Path | None = None
-    best_score: float | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    val_scores: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
-
-    @property
-    def losses(self) -> list[float]:
-        """Total loss per iteration."""
-        return [h["total"] for h in self.history]
-
-
-# -- learning rate -----------------------------------------------------------------------------
-
-
-def lr_at(iteration: int, s: TrainSettings) -> float:
-    """Learning rate of 0-based ``iteration``: warm-up factor x schedule factor x ``s.lr``."""
-    it = int(iteration)
-    warm = min(s.warmup_iters, s.iters)
-    f = 1.0
-    if it < warm:
-        alpha = it / warm
-        f = s.warmup_factor * (1 - alpha) + alpha
-    if s.schedule == "multistep":
-        f *= s.gamma ** sum(1 for frac in s.steps if it >= int(frac * s.iters))
-    elif s.schedule == "cosine":
-        f *= 0.5 * (1.0 + math.cos(math.pi * min(it, s.iters) / s.iters))
-    return s.lr * f
-
-
-# -- model preparation -------------------------------------------------------------------------
-
-
-def _head_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(name, module, kind)`` of every class-dependent output layer: ``cls``, ``box`` or ``mask``."""
-    out = []
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "cls_score" and isinstance(mod, nn.Linear):
-            out.append((name, mod, "cls"))
-        elif leaf == "bbox_pred" and isinstance(mod, nn.Linear) and name.startswith("roi_heads"):
-            out.append((name, mod, "box"))
-        elif leaf == "mask_fcn_logits" and isinstance(mod, nn.Conv2d):
-            out.append((name, mod, "mask"))
-    return out
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
-def adapt_num_classes(model: nn.Module, config, class_names: Sequence[str]) -> tuple[nn.Module, Any, str | None]:
-    """Make the class-specific outputs fit ``class_names``.
-
-    The class scores (``cls_score``, ``K + 1`` rows, background first), class-specific box deltas
-    (``bbox_pred``, ``4 (K + 1)`` rows; class-agnostic ones are left alone) and mask logits
-    (``mask_fcn_logits``, ``K + 1`` channels) get one row per new class. Rows of classes the model
-    already knows (same name) and the background keep their weights; the others start as in
-    detectron2 (normal, std 0.01 for scores, 0.001 for deltas and masks; zero bias).
-
-    Returns:
-        ``(model, config, message)``: the same model changed in place, the config with the new class
-        names, and a sentence for the user (None when nothing changed).
-    """
-    new = tuple(str(c) for c in class_names)
-    old = tuple(config.class_names)
-    if new == old:
-        return model, config, None
-    k_old, k_new = len(old), len(new)
-    # row in the old head of each new row: background 0 -> 0, known class -> 1 + old index, else -1
-    src = [0] + [1 + old.index(c) if c in old else -1 for c in new]
-    for name, mod, kind in _head_layers(model):
-        rows_per = 4 if kind == "box" else 1
-        n_out = mod.weight.shape[0]
-        if kind == "box" and n_out == 4:
-            continue  # class-agnostic deltas (cascade)
-        if n_out != rows_per * (k_old + 1):
-            raise TrainingError(
-                f"layer {name} has {n_out} outputs, not {rows_per} x ({k_old} classes + background) "
-                f"as the checkpoint's config says: the checkpoint does not match its architecture"
-            )
-        std = 0.01 if kind == "cls" else 0.001
-        if isinstance(mod, nn.Linear):
-            fresh = nn.Linear(mod.in_features, rows_per * (k_new + 1), bias=mod.bias is not None)
-        else:
-            fresh = nn.Conv2d(mod.in_channels, k_new + 1, mod.kernel_size, mod.stride, mod.padding,
-                              bias=mod.bias is not None)
-        fresh = fresh.to(device=mod.weight.device, dtype=mod.weight.dtype)
-        with torch.no_grad():
-            nn.init.normal_(fresh.weight, std=std)
-            if fresh.bias is not None:
-                nn.init.zeros_(fresh.bias)
-            for j, s in enumerate(src):
-                if s < 0:
-                    continue
-                fresh.weight[j * rows_per : (j + 1) * rows_per] = mod.weight[s * rows_per : (s + 1) * rows_per]
-                if fresh.bias is not None:
-                    fresh.bias[j * rows_per : (j + 1) * rows_per] = mod.bias[s * rows_per : (s + 1) * rows_per]
-        fresh.weight.requires_grad_(mod.weight.requires_grad)
-        _set_submodule(model, name, fresh)
-    config = config.replace(class_names=new)
-    if hasattr(model, "config"):
-        model.config = config
-    kept = [c for c in new if c in old]
-    added = [c for c in new if c not in old]
-    msg = (
-        f"The model was trained for {k_old} class{'es' if k_old != 1 else ''} ({', '.join(old)}); "
-        f"its class outputs were re-initialised for {k_new} ({', '.join(new)})"
-    )
-    if kept:
-        msg += f", keeping what it learnt for {', '.join(kept)}"
-    if added:
-        msg += f"; new: {', '.join(added)}"
-    return model, config, msg + "."
-
-
-def set_freeze_at(model: nn.Module, freeze_at: int) -> None:
-    """Train the backbone body from stage ``freeze_at + 1`` on (detectron2's ``FREEZE_AT``).
-
-    0: everything trains; 1: the stem is frozen; k >= 2: the stem and res2..res``k``. The FPN, RPN and
-    heads always train. (The C4 models' res5 lives in the RoI heads and always trains.)
-    """
-    from ..models.backbones import freeze_body
-
-    body = model.backbone.body
-    for p in body.parameters():
-        p.requires_grad_(True)
-    freeze_body(body, int(freeze_at))
-
-
-def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> None:
-    """Make a randomly initialised model trainable: data-dependent FrozenBN statistics and small heads.
-
-    The bodies use ``FrozenBatchNorm2d`` (fixed statistics, right for pre-trained weights). With random
-    weights and the identity statistics, activations grow through the 50+ layers and the first steps
-    diverge. One forward pass over ``images`` sets every FrozenBN's mean/variance to those of its
-    input (in network order, so each layer sees already normalised inputs: a data-dependent
-    initialisation in the spirit of LSUV). The class/box/mask output layers already have detectron2's
-    small initial weights from the model builders (``build_model``). Not for pre-trained models.
-
-    Args:
-        images: a few training images, float ``(3, H, W)`` 0..255 on the model's device.
-
-    Training a whole random ResNet body with frozen statistics is unstable (its activations drift
-    with nothing to renormalise them); from scratch, freeze the body (``freeze_at=5``: FPN, RPN and
-    heads learn on fixed random features) or use a small learning rate with ``clip_grad_norm``.
-    Real use starts from pre-trained (LIVECell) weights.
-    """
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    def calibrate(mod, inputs):
-        x = inputs[0].detach().float()
-        mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        mod.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6))
-        mod.weight.fill_(1.0)
-        mod.bias.zero_()
-
-    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    was_training = model.training
-    # Only the statistics matter: keep the pass cheap (few proposals, one detection for the mask head).
-    roi, rpn = getattr(model, "roi_heads", None), getattr(model, "rpn", None)
-    saved_det = getattr(roi, "detections_per_img", None)
-    saved_post = dict(getattr(rpn, "_post_nms_top_n", {}) or {})
-    try:
-        model.eval()
-        if saved_det is not None:
-            roi.detections_per_img = 1
-        if saved_post:
-            rpn._post_nms_top_n = {**saved_post, "testing": min(64, saved_post.get("testing", 64))}
-        with torch.no_grad():
-            model(list(images))
-    finally:
-        for h in hooks:
-            h.remove()
-        if saved_det is not None:
-            roi.detections_per_img = saved_det
-        if saved_post:
-            rpn._post_nms_top_n = saved_post
-        model.train(was_training)
-
-
-def _param_groups(model: nn.Module, s: TrainSettings) -> list[dict]:
-    norm_types = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if isinstance(mod, norm_types) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def _set_train_sizes(model: nn.Module, config, s: TrainSettings):
-    """Configure the model's own training resize (detectron2's ResizeShortestEdge, sizes chosen per
-    image); returns the config with the sizes used."""
-    aug = s.augment
-    sizes = s.min_size_train or config.min_size_train
-    max_size = s.max_size_train or config.max_size_train
-    if aug.resize:
-        if aug.short_edges is not None:
-            sizes = aug.short_edges
-        if aug.max_size is not None:
-            max_size = aug.max_size
-    else:  # a single scale: the test-time one (0 = the image's own size)
-        sizes = (config.min_size_test,) if config.min_size_test > 0 else (max(1, min(sizes)),)
-        max_size = config.max_size_test
-    transform = getattr(model, "transform", None)
-    if transform is not None and hasattr(transform, "min_size"):
-        transform.min_size = tuple(int(v) for v in sizes)
-        transform.max_size = int(max_size)
-    if aug.resize or s.min_size_train or s.max_size_train:
-        config = config.replace(min_size_train=tuple(int(v) for v in sizes), max_size_train=int(max_size))
-    return config
+def clip_gradients(params: Sequence[torch.Tensor], threshold: float | None, clip_type: str = "full_model") -> float:
+    """Clip the gradients of ``params`` in place (nothing when ``threshold`` is None); return the
+    global gradient norm measured before clipping (``inf``/``nan`` when a gradient is not finite)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if threshold is not None and clip_type == "full_model":
+        return float(torch.nn.utils.clip_grad_norm_(grads, threshold))
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, float("inf")))
+    if threshold is not None and clip_type == "norm":
+        for p in grads:
+            torch.nn.utils.clip_grad_norm_([p], threshold)
+    elif threshold is not None:
+        torch.nn.utils.clip_grad_value_(grads, threshold)
+    return norm
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -486,128 +155,6 @@ class _PlanSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.plan.accum
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-
-
-def best_path_for(out: str | Path) -> Path:
-    """Where the best-by-validation checkpoint of ``out`` goes: ``<stem>_best<suffix>`` beside it."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}_best{out.suffix or '.pt'}")
-
-
-def train_state_path(checkpoint: str | Path) -> Path:
-    """The file beside ``checkpoint`` that holds its optimizer state: ``<name>.trainstate``."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".trainstate")
-
-
-def _train_state_json(iteration, s: TrainSettings, history, best_score) -> dict:
-    """The JSON part of the training state (goes into the checkpoint's ``extra``)."""
-    return {
-        "iteration": int(iteration),
-        "settings": s.to_dict(),
-        "loss_history": [round(float(h["total"]), 6) for h in history],
-        "best_score": None if best_score is None else float(best_score),
-    }
-
-
-def _save_optimizer_state(path: Path, iteration: int, optimizer, scaler) -> None:
-    """Write the optimizer (momentum buffers) and AMP scaler state atomically (tensors and plain data)."""
-    from ..io.atomic import atomic_path
-
-    payload = {
-        "iteration": int(iteration),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def _load_optimizer_state(path: Path, iteration: int) -> dict | None:
-    """The optimizer state saved with a checkpoint of ``iteration``, or None (missing or out of step)."""
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable side file only costs the momentum
-        return None
-    if not isinstance(data, dict) or data.get("iteration") != int(iteration):
-        return None
-    return data
-
-
-def _with_provenance(config, base: str, data: TrainingDataset, s: TrainSettings, iteration: int, val):
-    prov = dict(getattr(config, "provenance", {}) or {})
-    previous = prov.get("training")
-    entry = {
-        "base": base,
-        "data": list(data.sources),
-        "images": len(data),
-        "cells": data.n_cells,
-        "iterations": int(iteration),
-        "settings": s.to_dict(),
-        "validation": None if val is None else {"sources": list(val.sources), "images": len(val)},
-    }
-    if isinstance(previous, dict) and previous.get("base") == base and previous.get("settings") == entry["settings"]:
-        entry["history"] = previous.get("history", [])
-    elif previous is not None:
-        entry["history"] = [*(previous.get("history", []) if isinstance(previous, dict) else []), previous]
-    prov["training"] = entry
-    return config.replace(provenance=prov)
-
-
-def _save(path: Path, model, config, extra) -> None:
-    from ..models.checkpoint import save_checkpoint
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, config, extra=extra)
-
-
-def _load_start(model_or_ckpt, class_names: Sequence[str]):
-    """``(model, config, base description, train_state or None, fresh)`` from any accepted start
-    (a fresh model is built for ``class_names``)."""
-    from ..models.config import ModelConfig
-
-    if isinstance(model_or_ckpt, (str, Path)):
-        from ..models.architectures import build_model
-        from ..models.checkpoint import load_state, read_checkpoint
-
-        path = Path(model_or_ckpt)
-        if not path.is_file():
-            raise TrainingError(f"starting checkpoint {path} does not exist")
-        weights, config, extra = read_checkpoint(path)
-        model = build_model(config)
-        load_state(model, weights, strict=True, source=path)
-        state = extra.get("train_state") if isinstance(extra, dict) else None
-        if isinstance(state, dict):
-            state = {**state, "checkpoint": str(path)}
-        return model, config, str(path), state, False
-    if isinstance(model_or_ckpt, ModelConfig):
-        from ..models.architectures import build_model
-
-        cfg = model_or_ckpt.replace(class_names=tuple(class_names))
-        return build_model(cfg), cfg, f"fresh {cfg.arch} (random weights)", None, True
-    if isinstance(model_or_ckpt, tuple) and len(model_or_ckpt) == 2:
-        model, config = model_or_ckpt
-        return model, config, f"{config.arch} in memory", None, False
-    if isinstance(model_or_ckpt, nn.Module) and hasattr(model_or_ckpt, "config"):
-        return model_or_ckpt, model_or_ckpt.config, f"{model_or_ckpt.config.arch} in memory", None, False
-    raise TypeError(
-        "train() starts from a checkpoint path, a ModelConfig (fresh model), a (model, config) pair or a "
-        f"model with a .config; got {type(model_or_ckpt).__name__}"
-    )
-
-
-def _oom_message(s: TrainSettings, device: torch.device, iteration: int) -> str:
-    return (
-        f"out of memory on {device} at iteration {iteration + 1} (batch size {s.batch_size}): "
-        "lower the batch size (use grad_accum to keep the effective batch), the training sizes "
-        "(min_size_train / short_edges), or use a smaller crop; "
-        + ("mixed precision (amp) is on" if s.amp and device.type == "cuda" else "mixed precision (amp) helps on CUDA")
-    )
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -709,7 +256,9 @@ def train(
         state = None  # weights only: a new run
 
     old_names = tuple(config.class_names)
-    model, config, adapt_msg = adapt_num_classes(model, config, train_data.class_names)
+    # a one-class (LIVECell "cell") model starts every new class from its class; others: adapt_num_classes
+    inherited = inherit_single_class(model, config, train_data.class_names)
+    model, config, adapt_msg = inherited or adapt_num_classes(model, config, train_data.class_names)
     if adapt_msg:
         if state is not None:
             raise TrainingError(
@@ -831,19 +380,19 @@ def train(
                         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                             loss_dict = train_model(images, targets)
                         loss = sum(loss_dict.values()) / s.grad_accum
-                        if not torch.isfinite(loss.detach()):
-                            parts = ", ".join(f"{k} {float(v):.3g}" for k, v in loss_dict.items())
-                            raise TrainingError(
-                                f"the loss became {float(loss):g} at iteration {iteration + 1} ({parts}): "
-                                f"lower the learning rate (now {lr:.3g}) or lengthen the warm-up"
-                            )
+                        _check_loss(loss_dict, float(loss.detach()) * s.grad_accum, history, iteration, lr)
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     for k, v in loss_dict.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / s.grad_accum
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if s.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                grad_norm = clip_gradients(params, s.clip_grad_norm, s.clip_type)
+                if not math.isfinite(grad_norm) and scaler is None:
+                    # stop before the step: the weights stay those of the last good iteration
+                    raise TrainingError(
+                        f"the gradients became {grad_norm:g} at iteration {iteration + 1}: lower the learning "
+                        f"rate (now {lr:.3g}) or turn on gradient clipping"
+                    )
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -875,12 +424,9 @@ def train(
             if val_data is not None and s.eval_period and iteration % s.eval_period == 0 and iteration < s.iters:
                 yield from validate(iteration)
             dist_utils.barrier(ctx)
-    except GeneratorExit:
-        # the consumer dropped the generator (e.g. the widget closed): treat as a cancel, keep files intact
-        raise
-    except (TrainingError, KeyboardInterrupt):
-        raise
-    except torch.OutOfMemoryError as e:
+    # A consumer that drops the generator (GeneratorExit) or an error ends the run here: every
+    # checkpoint is written atomically, so the last good file stays as it was.
+    except torch.OutOfMemoryError as e:  # e.g. during validation; the step's own OOM is handled above
         raise TrainingError(_oom_message(s, device, iteration)) from e
 
     if not cancelled and val_data is not None and iteration > start_iter:
@@ -912,6 +458,23 @@ def train(
         history=history,
         val_scores=val_scores,
         messages=messages,
+    )
+
+
+def _check_loss(loss_dict: dict, total: float, history: list[dict], iteration: int, lr: float) -> None:
+    """Raise :class:`TrainingError` when the loss is not finite or exploded (``EXPLOSION_FACTOR``
+    times the median of the run's first five losses): the weights are then still those of the last
+    good iteration, and no checkpoint is written over the last good one."""
+    finite = math.isfinite(total)
+    first = [h["total"] for h in history[:5]]
+    exploded = finite and first and total > EXPLOSION_FACTOR * max(statistics.median(first), 1e-3)
+    if finite and not exploded:
+        return
+    parts = ", ".join(f"{k} {float(v.detach()):.3g}" for k, v in loss_dict.items())
+    what = f"became {total:g}" if not finite else f"exploded to {total:.3g} (it started near {statistics.median(first):.3g})"
+    raise TrainingError(
+        f"the loss {what} at iteration {iteration + 1} ({parts}): lower the learning rate (now {lr:.3g}), "
+        "lengthen the warm-up or turn on gradient clipping; the last good checkpoint is kept"
     )
 
 

@@ -1,0 +1,725 @@
+"""Folder inference at scale: streamed, resumable, sharded over ranks (``torchrun``), flat memory.
+
+:func:`segment_folder` segments a list of image files with an ensemble of engines and writes, into an
+output folder:
+
+* ``<stem>_labels.tif`` per file (post-processed, non-overlapping; a multi-plane TIFF gives a label
+  *stack* ``(Z, H, W)`` whose ids are unique over the stack), each written to a temporary name and
+  renamed, so a label image is either complete or absent;
+* ``parts/rank<r>.jsonl``: one JSON line per finished file (its planes with their COCO results),
+  appended and fsynced *after* the file's label image is in place. A line is the proof that a file is
+  done: ``resume=True`` skips the files that have one in any ``parts/rank*.jsonl`` (whatever the number
+  of ranks of the earlier run); a line cut short by a kill is ignored and truncated;
+* ``parts/failures.rank<r>.jsonl``: the files that could not be read or segmented (one line each; the
+  run goes on, and a resumed run tries them again);
+* at the end, rank 0 (after every rank has finished its share) merges the parts, in input order, into
+  ``predictions.json`` (a COCO results list, image ids 1, 2, ... over the files' planes; written to a
+  temporary name and renamed), the failures into ``failures.txt`` and a per-image ``summary.csv`` (cell
+  count, mean and 90th-percentile uncertainty, :mod:`.uncertainty`).
+
+Memory stays flat: predictions go to disk image by image, and the merge holds one line at a time plus
+an index of (file, offset) per image.
+
+Sharding: rank ``r`` of ``w`` takes files ``r, r + w, r + 2w, ...`` of the sorted input list. Under
+``torchrun`` the ranks meet twice through the process group (gloo on the CPU, NCCL on GPUs): once after
+rank 0 has taken the output folder's lock, once at the end before the merge. A rank that dies makes
+the others stop at that meeting (or torchrun stops them); nothing finished is lost, and the same command
+with ``resume=True`` (``--resume``) does the rest.
+
+Two runs writing to one folder: rank 0 holds ``.segment.lock`` (pid, host, start time) for the whole run;
+a second run stops with a message naming the holder. A lock left by a run that was killed on this host
+(its pid is gone) is taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..io.atomic import atomic_path, atomic_write
+from .uncertainty import image_summary, write_summary_csv
+
+__all__ = [
+    "FolderSettings",
+    "FolderResult",
+    "FolderRunError",
+    "OutputLocked",
+    "OutputLock",
+    "SoloGroup",
+    "shard",
+    "done_files",
+    "segment_folder",
+    "merge_parts",
+]
+
+LOCK_NAME = ".segment.lock"
+PARTS_DIR = "parts"
+PREDICTIONS = "predictions.json"
+FAILURES = "failures.txt"
+SUMMARY = "summary.csv"
+#: A step inside an image is shown when this many seconds passed since the last line (display only).
+STEP_LINE_SECONDS = 5.0
+
+
+class FolderRunError(RuntimeError):
+    """The run cannot go on (disk full, a rank stopped, outputs incomplete): a one-line reason that
+    says what to do."""
+
+
+class OutputLocked(FolderRunError):
+    """Another run holds the output folder's lock."""
+
+
+@dataclass(frozen=True)
+class FolderSettings:
+    """What :func:`segment_folder` does with each image (the ``segment`` command's options).
+
+    Attributes:
+        tta, ensemble, iou, weights: as :func:`~napari_sartorius.inference.segment.segment_image`
+            (``tta``, ``ensemble``, ``iou_thr``, ``weights``).
+        cell_type: None (each plane's majority predicted class) or a class name.
+        raw: write every raw instance (no post-processing, overlaps kept) and no label images.
+        batch: images per network pass for one engine without TTA: consecutive 2-D images of one size
+            (not tiled) go through ``predict_batch`` together, which keeps a GPU busy (default 1).
+    """
+
+    tta: str = "none"
+    ensemble: str = "wbf"
+    iou: float = 0.5
+    weights: tuple[float, ...] | None = None
+    cell_type: str | None = None
+    raw: bool = False
+    batch: int = 1
+
+
+@dataclass
+class FolderResult:
+    """What a rank did, and (rank 0) what the merge found.
+
+    Attributes:
+        processed: files this rank segmented in this run.
+        skipped: files of this rank's share already done (``resume``).
+        failed: ``(file name, reason)`` of this rank's failures in this run.
+        merged_images: planes in ``predictions.json`` (rank 0; else 0).
+        merged_cells: instances in ``predictions.json`` (rank 0; else 0).
+        failures_total: files listed in ``failures.txt`` (rank 0; else 0).
+        predictions: the ``predictions.json`` path (rank 0), else None.
+    """
+
+    processed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    merged_images: int = 0
+    merged_cells: int = 0
+    failures_total: int = 0
+    predictions: Path | None = None
+
+
+# -- ranks ----------------------------------------------------------------------------------------
+
+
+class SoloGroup:
+    """The process group of a single-process run (``rank 0 of 1``): meetings are no-ops."""
+
+    rank = 0
+    world = 1
+
+    def all_ok(self, ok: bool) -> bool:
+        return bool(ok)
+
+    def barrier(self) -> None:
+        return None
+
+
+class TorchGroup:
+    """The ranks of a ``torch.distributed`` process group (see :mod:`~napari_sartorius.training.distributed`).
+
+    ``device`` is where collective tensors live (the rank's GPU under NCCL, the CPU under gloo).
+    """
+
+    def __init__(self, device) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is true on every rank."""
+        import torch
+
+        t = torch.tensor([1 if ok else 0], device=self.device)
+        try:
+            self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN)
+        except Exception as exc:  # noqa: BLE001 - a dead peer shows up as any of several errors
+            raise _rank_stopped(exc) from None
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        self.all_ok(True)
+
+
+def _rank_stopped(exc: BaseException) -> FolderRunError:
+    reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    return FolderRunError(
+        f"another rank stopped before the end ({reason}); finished images are kept: run the same "
+        "command again with --resume"
+    )
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Rank ``rank``'s share of ``items``: indices ``rank, rank + world, ...`` (disjoint, covering)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
+    return list(items[rank::world])
+
+
+# -- the output folder's lock ---------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+class OutputLock:
+    """``<folder>/.segment.lock``, created atomically with this process's pid, host and start time.
+
+    :meth:`acquire` raises :class:`OutputLocked` when another live run holds it; a lock whose pid is
+    gone on this host (a killed run) is taken over and :attr:`took_over` describes it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.took_over: str | None = None
+        self._held = False
+
+    def _read(self) -> dict | None:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(me))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, self.path)  # fails when the lock exists: creation with content, atomic
+                self._held = True
+                return
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            other = self._read()
+            if other is not None and other.get("host") == me["host"] and isinstance(other.get("pid"), int) \
+                    and not _pid_alive(other["pid"]):
+                self.took_over = f"pid {other['pid']} (started {other.get('started', '?')}) is gone"
+                self.path.unlink(missing_ok=True)
+                continue
+            who = (f"pid {other.get('pid')} on {other.get('host')} since {other.get('started')}"
+                   if other else "an unreadable lock")
+            raise OutputLocked(
+                f"{self.path.parent} is being written by another segment run ({who}): wait for it to end, "
+                f"use another --out, or delete {self.path} if that run is gone"
+            )
+        raise OutputLocked(f"could not take the lock {self.path}: delete it if no run is writing there")
+
+    def release(self) -> None:
+        if self._held:
+            info = self._read()
+            if info is not None and info.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+# -- parts ----------------------------------------------------------------------------------------
+
+
+def _part_path(out: Path, rank: int) -> Path:
+    return out / PARTS_DIR / f"rank{rank}.jsonl"
+
+
+def _failure_path(out: Path, rank: int) -> Path:
+    return out / PARTS_DIR / f"failures.rank{rank}.jsonl"
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[int, int, dict]]:
+    """``(offset, length, record)`` of each complete, valid JSON line of ``path`` (a line cut short by a
+    kill, i.e. without its newline or not valid JSON, is skipped)."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            n = len(line)
+            if line.endswith(b"\n"):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if isinstance(rec, dict) and "file" in rec:
+                    yield offset, n, rec
+            offset += n
+
+
+def _part_files(out: Path, prefix: str) -> list[Path]:
+    folder = out / PARTS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{prefix}*.jsonl") if p.name.startswith(prefix))
+
+
+def done_files(out: str | os.PathLike) -> set[str]:
+    """Names of the files with a complete line in any ``parts/rank*.jsonl`` of ``out``."""
+    done: set[str] = set()
+    for part in _part_files(Path(out), "rank"):
+        done.update(rec["file"] for _, _, rec in _complete_lines(part))
+    return done
+
+
+def _truncate_partial_tail(path: Path) -> None:
+    """Cut a last line left without its newline (the process was killed while appending it)."""
+    if not path.is_file():
+        return
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        keep = 0
+        for offset, n, _ in _complete_lines(path):
+            keep = offset + n
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _append_line(fh, record: dict) -> None:
+    fh.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full_error(what: Path, exc: OSError) -> FolderRunError:
+    return FolderRunError(
+        f"disk full while writing {what} ({exc.strerror}); every image written so far is complete: free "
+        "some space and run the same command again with --resume"
+    )
+
+
+def _clear_temporaries(out: Path) -> None:
+    """Remove temporary files left in ``out`` by a killed run (only called under the lock)."""
+    for folder in (out, out / PARTS_DIR):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+# -- images -----------------------------------------------------------------------------------------
+
+
+def _read_planes(path: Path) -> np.ndarray:
+    """uint8 ``(Z, H, W)``: one plane for a 2-D image, Z for a multi-plane TIFF."""
+    from ..io.images import read_stack
+
+    return read_stack(path)
+
+
+class _Decoded:
+    """A decoded file of the share: ``planes`` or the ``error`` that stopped it."""
+
+    __slots__ = ("index", "path", "planes", "error")
+
+    def __init__(self, index, path, planes, error):
+        self.index, self.path, self.planes, self.error = index, path, planes, error
+
+
+class _ReadDataset:
+    """Image files decoded in DataLoader workers (a map-style dataset of :class:`_Decoded`)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> _Decoded:
+        path = self.paths[i]
+        try:
+            return _Decoded(i, path, _read_planes(path), None)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and skipped
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _Decoded(i, path, None, reason)
+
+
+def _first(batch):
+    return batch[0]
+
+
+def _decoded(paths: Sequence[Path], workers: int) -> Iterator[_Decoded]:
+    """The files decoded in order; with ``workers > 0`` in a DataLoader's worker processes, ahead of
+    the engines (``2 * workers`` files in flight)."""
+    ds = _ReadDataset(paths)
+    if workers <= 0 or len(ds) <= 1:
+        for i in range(len(ds)):
+            yield ds[i]
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=min(workers, len(ds)),
+                        collate_fn=_first, prefetch_factor=2, persistent_workers=False)
+    yield from loader
+
+
+def _write_label_stack(labels: list[np.ndarray], path: Path) -> None:
+    """One ``(H, W)`` label image, or a ``(Z, H, W)`` stack, written atomically."""
+    from ..io.label_images import write_label_image
+
+    if len(labels) == 1:
+        write_label_image(labels[0], path)
+        return
+    import tifffile
+
+    top = max(int(lab.max()) if lab.size else 0 for lab in labels)
+    stack = np.stack(labels).astype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, stack, compression="zlib", metadata=None, photometric="minisblack")
+
+
+def _plane_name(path: Path, z: int, n: int) -> str:
+    """The ``file_name`` of plane ``z`` of ``n`` in the results: the file's name for a 2-D image,
+    ``<stem>_z<z><suffix>`` for a plane of a stack."""
+    return path.name if n == 1 else f"{path.stem}_z{z}{path.suffix}"
+
+
+# -- segmenting a share ----------------------------------------------------------------------------
+
+
+def _plane_records(inst, key: str, class_names, cell_type) -> list[dict]:
+    from ..annotations import AnnotationSet, ImageAnnotations
+    from ..io.coco import annotation_set_to_results
+
+    aset = AnnotationSet([ImageAnnotations(key, inst, cell_type=cell_type, file_name=key)], class_names=class_names)
+    recs = annotation_set_to_results(aset, {key: 0}, with_file_name=False)
+    for r in recs:
+        r.pop("image_id", None)
+    return recs
+
+
+def _segment_planes(planes: np.ndarray, path: Path, engines, settings: FolderSettings, on_step):
+    """Per plane ``(labels or None, records, cell type, n cells, (H, W))``."""
+    from ..inference.segment import run_to_completion, segment_image
+
+    raws = [
+        run_to_completion(
+            segment_image(plane, engines, weights=settings.weights, tta=settings.tta, ensemble=settings.ensemble,
+                          iou_thr=settings.iou, plane=z if len(planes) > 1 else None),
+            on_step,
+        )
+        for z, plane in enumerate(planes)
+    ]
+    return _finish_planes(raws, planes, path, tuple(engines[0].class_names), settings)
+
+
+def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings):
+    """Post-process the raw instances of each plane: ``(labels or None, records, cell type, n, (H, W))``."""
+    from ..postprocess import PostprocessSettings, majority_class, postprocess
+
+    post = PostprocessSettings(class_names=class_names, cell_type=settings.cell_type)
+    out = []
+    offset = 0
+    for z, (raw, plane) in enumerate(zip(raws, planes)):
+        labels = None
+        if settings.raw:
+            inst = raw
+        else:
+            res = postprocess(raw, post)
+            inst = res.to_instances()
+            labels = res.labels
+            if len(planes) > 1 and labels.size:  # ids unique over the stack, as the dock's
+                n = int(labels.max())
+                labels = np.where(labels > 0, labels.astype(np.int64) + offset, 0)
+                offset += n
+        if settings.cell_type is not None:
+            ctype = settings.cell_type
+        else:
+            k = majority_class(inst, len(class_names))
+            ctype = None if k is None else class_names[k]
+        name = _plane_name(path, z, len(planes))
+        out.append((labels, _plane_records(inst, name, class_names, ctype), ctype, len(inst), plane.shape[:2]))
+    return out
+
+
+def _batched(items: Iterator[_Decoded], engines, settings: FolderSettings) -> Iterator[list[_Decoded]]:
+    """Groups of decoded files run in one pass: up to ``settings.batch`` consecutive 2-D images of one
+    size when one engine runs without TTA and the image needs no tiles; any other file alone."""
+    from .tiling import DEFAULT_MAX_TILE, needs_tiling
+
+    can = settings.batch > 1 and len(engines) == 1 and settings.tta == "none"
+    group: list[_Decoded] = []
+    for item in items:
+        ok = (can and item.error is None and item.planes.shape[0] == 1
+              and not needs_tiling(item.planes.shape[1:3], DEFAULT_MAX_TILE))
+        if group and (not ok or item.planes.shape[1:] != group[0].planes.shape[1:] or len(group) >= settings.batch):
+            yield group
+            group = []
+        if ok:
+            group.append(item)
+        else:
+            yield [item]
+    if group:
+        yield group
+
+
+def _segment_group(group: list[_Decoded], engines, settings: FolderSettings, on_step) -> list:
+    """Per file of the group: its plane tuples (see :func:`_finish_planes`), or the ValueError raised."""
+    if len(group) == 1:
+        item = group[0]
+        try:
+            return [_segment_planes(item.planes, item.path, engines, settings, on_step)]
+        except ValueError as exc:  # a bad image (shape, values): skip it, keep going
+            return [exc]
+    from .tta import predict_checked
+
+    raws = predict_checked(engines[0], [item.planes[0] for item in group])  # one pass for the group
+    names = tuple(engines[0].class_names)
+    return [_finish_planes([raw], item.planes, item.path, names, settings) for raw, item in zip(raws, group)]
+
+
+def segment_folder(
+    images: Sequence[Path],
+    engines: Sequence,
+    out: str | os.PathLike,
+    settings: FolderSettings = FolderSettings(),
+    *,
+    group=None,
+    resume: bool = False,
+    workers: int = 0,
+    say: Callable[[str], None] | None = None,
+) -> FolderResult:
+    """Segment this rank's share of ``images`` into ``out`` and (rank 0) merge every rank's results.
+
+    Args:
+        images: the image files of the whole run, in the order of the merged results; every rank must
+            pass the same list. Names must be unique (outputs are named by stem).
+        engines: objects of the engine contract (``name``, ``class_names``, ``predict_batch``).
+        out: the output folder (created).
+        settings: what is done with each image.
+        group: the ranks (:class:`SoloGroup` by default; :class:`TorchGroup` under torchrun).
+        resume: skip the files that an earlier run of this folder finished; without it, the parts of an
+            earlier run are deleted first and every file is segmented again.
+        workers: DataLoader worker processes decoding images ahead of the engines (0: in this process).
+        say: one progress line at a time (default: stderr).
+
+    Returns:
+        This rank's :class:`FolderResult` (rank 0's carries the merge).
+
+    Raises:
+        OutputLocked: another run is writing ``out``.
+        FolderRunError: disk full, another rank stopped, or files without results at the merge.
+    """
+    group = group or SoloGroup()
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(out)
+    images = [Path(p) for p in images]
+    engines = list(engines)
+    rank, world = group.rank, group.world
+    tag = f"rank {rank}/{world}: " if world > 1 else ""
+
+    lock = OutputLock(out)
+    if rank == 0:
+        ok = False
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if lock.took_over:
+                say(f"took over the lock of an earlier run that was stopped ({lock.took_over})")
+            _clear_temporaries(out)
+            if not resume:
+                for p in _part_files(out, "rank") + _part_files(out, "failures.rank"):
+                    p.unlink()
+            (out / PARTS_DIR).mkdir(exist_ok=True)
+            ok = True
+        finally:
+            if not group.all_ok(ok):
+                lock.release()
+    elif not group.all_ok(True):
+        raise OutputLocked(f"rank 0 could not start writing {out} (see its message)")
+    try:
+        result = _run_share(images, engines, out, settings, group, resume, workers, say, tag)
+        group.barrier()  # every share finished (a dead rank raises here)
+        if rank == 0:
+            merged = merge_parts(images, out)
+            result.merged_images, result.merged_cells, result.failures_total, result.predictions = merged
+        return result
+    finally:
+        lock.release()
+
+
+def _run_share(images, engines, out, settings, group, resume, workers, say, tag) -> FolderResult:
+    result = FolderResult()
+    mine = shard(images, group.rank, group.world)
+    done = done_files(out) if resume else set()
+    todo = [p for p in mine if p.name not in done]
+    result.skipped = len(mine) - len(todo)
+    skip = f", {result.skipped} already done" if result.skipped else ""
+    if group.world > 1 or result.skipped:
+        say(f"{tag}{len(mine)} of {len(images)} image(s) in this share{skip}")
+    part = _part_path(out, group.rank)
+    failures = _failure_path(out, group.rank)
+    _truncate_partial_tail(part)
+    _truncate_partial_tail(failures)
+    last_line = [time.monotonic()]
+    first = [True]
+
+    def on_step(p) -> None:  # engine x TTA variant steps inside an image (the dock's progress)
+        now = time.monotonic()
+        if p.total > 1 and (first[0] or now - last_line[0] >= STEP_LINE_SECONDS):
+            say(f"{tag}  step {p.step}/{p.total}: {p.message}")
+            last_line[0] = now
+        if p.warning:
+            say(f"{tag}warning: {p.warning}")
+
+    try:
+        with open(part, "ab") as part_fh, open(failures, "ab") as fail_fh:
+            k = 0
+            for group in _batched(_decoded(todo, workers), engines, settings):
+                t0 = time.perf_counter()
+                results = _segment_group(group, engines, settings, on_step) if group[0].error is None else [None]
+                first[0] = False
+                seconds = (time.perf_counter() - t0) / len(group)
+                for item, planes in zip(group, results):
+                    k += 1
+                    where = f"{tag}[{k}/{len(todo)}] {item.path.name}"
+                    if isinstance(planes, ValueError):
+                        item.error = str(planes).strip().splitlines()[0] if str(planes).strip() else "ValueError"
+                    if item.error is not None:
+                        say(f"{where}: skipped, {item.error}")
+                        _append_line(fail_fh, {"file": item.path.name, "error": item.error})
+                        result.failed.append((item.path.name, item.error))
+                        continue
+                    if not settings.raw:
+                        _write_label_stack([pl[0] for pl in planes], out / f"{item.path.stem}_labels.tif")
+                    record = {
+                        "file": item.path.name,
+                        "planes": [{"name": _plane_name(item.path, z, len(planes)), "size": list(pl[4]),
+                                    "cell_type": pl[2], "results": pl[1]} for z, pl in enumerate(planes)],
+                    }
+                    _append_line(part_fh, record)
+                    result.processed += 1
+                    cells = sum(pl[3] for pl in planes)
+                    zs = f" in {len(planes)} planes" if len(planes) > 1 else ""
+                    per = f" ({len(group)} images per pass)" if len(group) > 1 else ""
+                    say(f"{where}: {cells} cells{zs} in {seconds:.1f} s{per}")
+                del group, results
+    except OSError as exc:
+        if _disk_full(exc):
+            raise _disk_full_error(Path(exc.filename) if exc.filename else out, exc) from None
+        raise
+    return result
+
+
+# -- merge ------------------------------------------------------------------------------------------
+
+
+def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, int, int, Path]:
+    """Merge ``parts/`` into ``predictions.json`` (COCO results, input order, image ids 1, 2, ... over
+    planes) and ``failures.txt``; both written atomically.
+
+    Returns ``(planes, instances, failed files, predictions path)``.
+
+    Raises:
+        FolderRunError: a file has neither results nor a failure (a rank stopped early), or the disk is
+            full; ``predictions.json`` is then left as it was.
+    """
+    out = Path(out)
+    index: dict[str, tuple[Path, int, int]] = {}
+    for part in _part_files(out, "rank"):
+        for offset, n, rec in _complete_lines(part):
+            index.setdefault(rec["file"], (part, offset, n))  # first line wins: never one image twice
+    failed: dict[str, str] = {}
+    for part in _part_files(out, "failures.rank"):
+        for _, _, rec in _complete_lines(part):
+            if rec["file"] not in index:
+                failed[rec["file"]] = str(rec.get("error", ""))
+    missing = [p.name for p in images if p.name not in index and p.name not in failed]
+    if missing:
+        raise FolderRunError(
+            f"{len(missing)} image(s) have no results yet (first: {missing[0]}); a rank stopped early: run the "
+            "same command again with --resume"
+        )
+    path = out / PREDICTIONS
+    n_planes = n_cells = 0
+    summary = []
+    handles: dict[Path, object] = {}
+    try:
+        with atomic_write(path, "w") as fh:
+            fh.write("[")
+            sep = ""
+            for p in images:
+                if p.name not in index:
+                    continue
+                part, offset, n = index[p.name]
+                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
+                src.seek(offset)
+                rec = json.loads(src.read(n))
+                for plane in rec["planes"]:
+                    n_planes += 1
+                    unc = []
+                    for r in plane["results"]:
+                        r = dict(r, image_id=n_planes, file_name=plane["name"])
+                        fh.write(sep + json.dumps(r, separators=(",", ":")))
+                        sep = ",\n"
+                        n_cells += 1
+                        if r.get("uncertainty") is not None:
+                            unc.append(float(r["uncertainty"]))
+                    defined = bool(unc) and len(unc) == len(plane["results"])
+                    summary.append(image_summary(plane["name"], np.asarray(unc) if defined else None,
+                                                 count=len(plane["results"])))
+            fh.write("]\n")
+        write_summary_csv(summary, out / SUMMARY)  # which images to correct first
+        fail_path = out / FAILURES
+        if failed:
+            with atomic_write(fail_path, "w") as fh:
+                for p in images:
+                    if p.name in failed:
+                        fh.write(f"{p.name}: {failed[p.name]}\n")
+        else:
+            fail_path.unlink(missing_ok=True)
+    except OSError as exc:
+        if _disk_full(exc):
+            raise _disk_full_error(path, exc) from None
+        raise
+    finally:
+        for h in handles.values():
+            h.close()
+    return n_planes, n_cells, len(failed), path

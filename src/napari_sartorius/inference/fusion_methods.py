@@ -1,0 +1,211 @@
+"""One clustering routine per fusion method (see :mod:`napari_sartorius.inference.ensemble`).
+
+Each routine gets the inputs of one class in visiting order (decreasing ``score x weight`` key) and
+returns ``(assign, rep_boxes, rep_scores, rep_index)``: ``assign[k]`` is the cluster of input ``k``
+or -1 (dropped), ``rep_index[c]`` the visiting position of cluster ``c``'s first (highest-key)
+member. Boxes are xyxy float64 ``(n, 4)`` in pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .pairs import box_iou_pairs, crop_iou, csr
+
+__all__ = ["cluster_nms", "cluster_nmw", "cluster_wbf", "cluster_soft_nms", "cluster_mask_nms", "support_of_kept"]
+
+def _greedy_keep(n: int, indptr: np.ndarray, nbrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy NMS over inputs 0..n-1 in visiting order; neighbours are the pairs above the threshold.
+
+    Returns (keep mask, owner): owner[k] = the kept input that suppressed k (or k itself)."""
+    suppressed = np.zeros(n, bool)
+    owner = np.arange(n)
+    for k in range(n):
+        if suppressed[k]:
+            continue
+        nb = nbrs[indptr[k] : indptr[k + 1]]
+        if nb.size:
+            nb = nb[(nb > k) & ~suppressed[nb]]
+            suppressed[nb] = True
+            owner[nb] = k
+    return ~suppressed, owner
+
+
+def cluster_nms(b, key, iou_thr):
+    n = len(b)
+    i, j, v = box_iou_pairs(b, iou_thr)
+    indptr, nbrs, _ = csr(n, i, j, v)
+    keep, owner = _greedy_keep(n, indptr, nbrs)
+    kept = np.flatnonzero(keep)
+    cluster_of = np.full(n, -1)
+    cluster_of[kept] = np.arange(len(kept))
+    return cluster_of[owner], b[kept], key[kept], kept
+
+
+def cluster_nmw(b, key, iou_thr):
+    """Mains are the greedy-NMS keepers; every other input joins the earlier main of highest IoU."""
+    n = len(b)
+    i, j, v = box_iou_pairs(b, iou_thr)
+    indptr, nbrs, vals = csr(n, i, j, v)
+    keep, _ = _greedy_keep(n, indptr, nbrs)
+    mains = np.flatnonzero(keep)
+    cluster_of = np.full(n, -1)
+    cluster_of[mains] = np.arange(len(mains))
+    # candidate (member, main) pairs: main visited earlier, IoU > thr
+    lo, hi = np.minimum(i, j), np.maximum(i, j)  # lo is visited first
+    cand = keep[lo] & ~keep[hi]
+    mem, main, iou = hi[cand], lo[cand], v[cand]
+    # per member: highest IoU, ties -> earliest main (the package scans mains in creation order)
+    order = np.lexsort((main, -iou, mem))
+    mem, main, iou = mem[order], main[order], iou[order]
+    first = np.ones(len(mem), bool)
+    first[1:] = mem[1:] != mem[:-1]
+    assign = cluster_of.copy()
+    iou_to_main = np.ones(n)
+    assign[mem[first]] = cluster_of[main[first]]
+    iou_to_main[mem[first]] = iou[first]
+    # fused box: coordinates weighted by key x IoU with the main
+    wgt = key * iou_to_main
+    k = len(mains)
+    num = np.zeros((k, 4))
+    np.add.at(num, assign, b * wgt[:, None])
+    den = np.bincount(assign, weights=wgt, minlength=k)
+    return assign, num / den[:, None], key[mains], mains
+
+
+def cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, allows_overflow):
+    n = len(b)
+    x0s, y0s, x1s, y1s = (b[:, c].copy() for c in range(4))
+    fx0, fy0, fx1, fy1, farea = (np.empty(n) for _ in range(5))
+    sx0, sy0, sx1, sy1, conf = (np.empty(n) for _ in range(5))
+    assign = np.empty(n, np.int64)
+    reps = []
+    k = 0
+    rows = b.tolist()
+    keys = key.tolist()
+    for t in range(n):
+        x0, y0, x1, y1 = rows[t]
+        s = keys[t]
+        if k:
+            iw = np.minimum(fx1[:k], x1)
+            iw -= np.maximum(fx0[:k], x0)
+            np.maximum(iw, 0.0, out=iw)
+            ih = np.minimum(fy1[:k], y1)
+            ih -= np.maximum(fy0[:k], y0)
+            np.maximum(ih, 0.0, out=ih)
+            iw *= ih
+            iou = iw / (farea[:k] + ((x1 - x0) * (y1 - y0)) - iw)
+            c = int(iou.argmax())
+            if iou[c] > iou_thr:
+                assign[t] = c
+                sx0[c] += s * x0
+                sy0[c] += s * y0
+                sx1[c] += s * x1
+                sy1[c] += s * y1
+                conf[c] += s
+                q = conf[c]
+                fx0[c], fy0[c], fx1[c], fy1[c] = sx0[c] / q, sy0[c] / q, sx1[c] / q, sy1[c] / q
+                farea[c] = (fx1[c] - fx0[c]) * (fy1[c] - fy0[c])
+                continue
+        assign[t] = k
+        fx0[k], fy0[k], fx1[k], fy1[k] = x0, y0, x1, y1
+        farea[k] = (x1 - x0) * (y1 - y0)
+        sx0[k], sy0[k], sx1[k], sy1[k] = s * x0, s * y0, s * x1, s * y1
+        conf[k] = s
+        reps.append(t)
+        k += 1
+    fused = np.stack([fx0[:k], fy0[:k], fx1[:k], fy1[:k]], axis=1)
+    count = np.bincount(assign, minlength=k).astype(np.float64)
+    wsum = np.bincount(assign, weights=w, minlength=k)
+    if conf_type == "max":
+        score = np.full(k, -np.inf)
+        np.maximum.at(score, assign, key)
+        score = score / weights.max()
+    else:
+        score = conf[:k] / count
+        if conf_type == "box_and_model_avg":
+            present = _present_weight(assign, src, weights, k)
+            score = score * count / wsum * present / weights.sum()
+        elif conf_type == "absent_model_aware_avg":
+            absent = weights.sum() - _present_weight(assign, src, weights, k)
+            score = score * count / (wsum + absent)
+        elif allows_overflow:
+            score = score * count / weights.sum()
+        else:
+            score = score * np.minimum(len(weights), count) / weights.sum()
+    return assign, fused, score, np.asarray(reps, np.int64)
+
+
+def _present_weight(assign, src, weights, k):
+    """Sum of the weights of the distinct sources in each cluster."""
+    pairs = np.unique(assign * len(weights) + src)
+    return np.bincount(pairs // len(weights), weights=weights[pairs % len(weights)], minlength=k)
+
+
+def cluster_soft_nms(b, key, iou_thr, sigma, thresh, linear):
+    n = len(b)
+    i, j, v = box_iou_pairs(b, 0.0)
+    indptr, nbrs, vals = csr(n, i, j, v)
+    if linear:
+        decay = np.where(vals > iou_thr, 1.0 - vals, 1.0)
+    else:
+        decay = np.exp(-(vals * vals) / sigma)
+    cur = key.astype(np.float64).copy()
+    final = np.empty(n)
+    done = np.zeros(n, bool)
+    for _ in range(n):
+        k = int(cur.argmax())
+        final[k] = cur[k]
+        done[k] = True
+        cur[k] = -np.inf
+        lo, hi = indptr[k], indptr[k + 1]
+        if hi > lo:
+            nb = nbrs[lo:hi]
+            todo = ~done[nb]
+            cur[nb[todo]] *= decay[lo:hi][todo]
+    kept = np.flatnonzero(final > thresh)
+    kept = kept[np.argsort(-final[kept], kind="stable")]
+    assign = np.full(n, -1)
+    assign[kept] = np.arange(len(kept))
+    return assign, b[kept], final[kept], kept
+
+
+def cluster_mask_nms(idx, binaries, areas, origins, b_windows, key, iou_thr):
+    """Greedy NMS on mask IoU; ``idx`` maps visiting position -> input row of the crop lists."""
+    n = len(idx)
+    i, j, v = box_iou_pairs(b_windows, 0.0)
+    indptr, nbrs, _ = csr(n, i, j, v)
+    suppressed = np.zeros(n, bool)
+    owner = np.arange(n)
+    for k in range(n):
+        if suppressed[k]:
+            continue
+        nb = nbrs[indptr[k] : indptr[k + 1]]
+        nb = nb[(nb > k) & ~suppressed[nb]]
+        if not nb.size:
+            continue
+        a = idx[k]
+        for m in nb.tolist():
+            c = idx[m]
+            if crop_iou(binaries[a], origins[a], areas[a], binaries[c], origins[c], areas[c]) > iou_thr:
+                suppressed[m] = True
+                owner[m] = k
+    kept = np.flatnonzero(~suppressed)
+    cluster_of = np.full(n, -1)
+    cluster_of[kept] = np.arange(len(kept))
+    return cluster_of[owner], kept
+
+
+
+def support_of_kept(b, assign, iou_thr):
+    """Soft-NMS suppresses nothing outright (overlapping duplicates stay, with decayed scores), so its
+    clusters have one member each. For the uncertainty, which counts the sources that found a cell,
+    a kept input is *supported* by itself and by every input whose box IoU with it is above
+    ``iou_thr``, kept or not. Returns ``(cluster, position)`` int arrays: one row per (cluster,
+    supporting input) pair; an input may support several clusters."""
+    i, j, _ = box_iou_pairs(b, iou_thr)
+    kept = np.flatnonzero(assign >= 0)
+    ki, kj = assign[i] >= 0, assign[j] >= 0
+    cluster = np.concatenate([assign[kept], assign[i[ki]], assign[j[kj]]])
+    position = np.concatenate([kept, j[ki], i[kj]])
+    return cluster.astype(np.int64), position.astype(np.int64)

@@ -1,0 +1,120 @@
+"""Mask crops of all detections of an image pasted at once, on the device that ran the model.
+
+:func:`~.predictor.paste_mask_crop` resamples one detection's ``M x M`` mask onto its pixel window with
+NumPy; an engine pasting 1000 detections that way copies every mask to the host and loops in Python,
+which costs more than a GPU forward. :func:`paste_crops` does the same resampling for every detection in
+a few batched matrix products on the masks' device: each crop is ``Wy @ mask @ Wx.T`` where ``Wy``
+``(h, M)`` and ``Wx`` ``(w, M)`` hold the bilinear weights of the window's pixel centres (at most two
+non-zeros a row). Detections are sorted by window size and processed in chunks padded to the chunk's
+largest window (at most ``max_elements`` floats per chunk), never a full-image mask per detection;
+the valid pixels of all crops are gathered into one flat tensor and copied to the host once.
+
+The windows, sample positions (float64) and weights (float32) are computed exactly as
+:func:`~.predictor.paste_mask_crop` does; only the float32 matrix products may round differently
+(the test bounds the difference at 1e-6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["paste_crops", "crop_windows", "DEFAULT_MAX_ELEMENTS"]
+
+#: Floats of one padded chunk of crops (2**24: 64 MB in float32).
+DEFAULT_MAX_ELEMENTS = 2**24
+
+
+def crop_windows(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """int64 ``(N, 4)`` pixel windows ``(y0, x0, y1, x1)`` (end exclusive) of float ``(N, 4)`` xyxy boxes:
+    one pixel beyond the box each side, clipped to the image, at least one pixel (detectron2's window,
+    as :func:`~.predictor.paste_mask_crop`)."""
+    h_img, w_img = int(image_size[0]), int(image_size[1])
+    b = boxes.double()
+    x0 = (torch.floor(b[:, 0]).long() - 1).clamp(0, w_img - 1)
+    y0 = (torch.floor(b[:, 1]).long() - 1).clamp(0, h_img - 1)
+    x1 = torch.minimum(torch.maximum(torch.ceil(b[:, 2]).long() + 1, x0 + 1), torch.tensor(w_img, device=b.device))
+    y1 = torch.minimum(torch.maximum(torch.ceil(b[:, 3]).long() + 1, y0 + 1), torch.tensor(h_img, device=b.device))
+    return torch.stack([y0, x0, y1, x1], dim=1)
+
+
+def _weights(start: Tensor, length: Tensor, lo: Tensor, hi: Tensor, size: int, m: int) -> Tensor:
+    """float32 ``(n, size, m)`` bilinear weights of pixels ``start .. start + length - 1`` of boxes spanning
+    ``lo .. hi`` on an ``m``-cell grid; rows past ``length`` are zero."""
+    j = torch.arange(size, device=start.device, dtype=torch.float64)
+    pix = start.double()[:, None] + j[None]
+    coords = (pix + 0.5 - lo.double()[:, None]) / torch.clamp(hi.double() - lo.double(), min=1e-6)[:, None] * m - 0.5
+    base = torch.floor(coords)
+    frac = (coords - base).float()
+    base = base.long()
+    cells = torch.arange(m, device=start.device)
+    w = (cells == base[..., None]).float() * (1.0 - frac)[..., None] + (cells == base[..., None] + 1).float() * frac[..., None]
+    valid = j[None] < length[:, None]
+    return w * valid[..., None]
+
+
+def paste_crops(
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Resample each ``(M, M)`` mask over its float box onto its pixel window, all on the masks' device.
+
+    Args:
+        masks: float ``(N, M, M)`` or ``(N, 1, M, M)`` probabilities (any float dtype; computed in float32).
+        boxes: float ``(N, 4)`` xyxy boxes in image pixels.
+        image_size: ``(height, width)`` of the image, in pixels.
+        max_elements: floats per padded chunk of crops (bounds device memory).
+
+    Returns:
+        ``(crops, origins)``: per detection a float32 ``(h, w)`` NumPy crop in [0, 1], and int64
+        ``(N, 2)`` origins ``(y0, x0)``, equal (to 1e-6) to :func:`~.predictor.paste_mask_crop`'s.
+    """
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    n = int(masks.shape[0])
+    if n == 0:
+        return [], np.zeros((0, 2), np.int64)
+    m_h, m_w = int(masks.shape[-2]), int(masks.shape[-1])
+    masks = masks.float()
+    boxes = boxes.to(masks.device)
+    win = crop_windows(boxes, image_size)
+    hs, ws = win[:, 2] - win[:, 0], win[:, 3] - win[:, 1]
+    order = torch.argsort(hs * ws, stable=True)
+    hs_host, ws_host = hs.cpu().numpy(), ws.cpu().numpy()
+    order_host = order.cpu().numpy()
+    flats: list[Tensor] = []
+    chunk_order: list[np.ndarray] = []
+    start = 0
+    while start < n:
+        # grow the chunk while its padded size fits (sorted by area, so the last is about the largest)
+        stop = start + 1
+        hmax, wmax = int(hs_host[order_host[start]]), int(ws_host[order_host[start]])
+        while stop < n:
+            k = order_host[stop]
+            h2, w2 = max(hmax, int(hs_host[k])), max(wmax, int(ws_host[k]))
+            if (stop + 1 - start) * h2 * w2 > max_elements:
+                break
+            hmax, wmax, stop = h2, w2, stop + 1
+        idx = order[start:stop]
+        b, w_ = boxes[idx], win[idx]
+        wy = _weights(w_[:, 0], hs[idx], b[:, 1], b[:, 3], hmax, m_h)
+        wx = _weights(w_[:, 1], ws[idx], b[:, 0], b[:, 2], wmax, m_w)
+        crops = torch.bmm(torch.bmm(wy, masks[idx]), wx.transpose(1, 2)).clamp_(0.0, 1.0)
+        valid = (torch.arange(hmax, device=crops.device)[None, :, None] < hs[idx][:, None, None]) & (
+            torch.arange(wmax, device=crops.device)[None, None, :] < ws[idx][:, None, None]
+        )
+        flats.append(crops[valid])  # row-major per detection: each crop's pixels, contiguous
+        chunk_order.append(order_host[start:stop])
+        start = stop
+    flat = torch.cat(flats).cpu().numpy()  # the one copy to the host: the crops' own pixels only
+    out: list[np.ndarray | None] = [None] * n
+    pos = 0
+    for k in np.concatenate(chunk_order):
+        size = int(hs_host[k]) * int(ws_host[k])
+        out[k] = flat[pos : pos + size].reshape(int(hs_host[k]), int(ws_host[k]))
+        pos += size
+    origins = win[:, :2].cpu().numpy().astype(np.int64)
+    return out, origins  # type: ignore[return-value]
