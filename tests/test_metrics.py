@@ -268,3 +268,39 @@ def test_sparse_contingency_path_agrees(monkeypatch):
     _, _, iou_sparse, _, _ = sparse_ious(pred, gt)
     assert np.allclose(np.sort(iou_dense), np.sort(iou_sparse))
     assert dense.tp.tolist() == sparse.tp.tolist() and dense.fp.tolist() == sparse.fp.tolist()
+
+
+def _dense_pair(seed):
+    """A synthetic SH-SY5Y-style image's truth and the weight-free engine's scored predictions."""
+    from napari_sartorius.classical import ClassicalEngine
+    from napari_sartorius.synthetic import make_sample
+
+    s = make_sample("shsy5y", seed=seed, shape=(160, 200))
+    pred = ImageAnnotations("x", ClassicalEngine().predict(s.image), cell_type="shsy5y")
+    return _aset([pred]), _aset([s.to_annotations("x")])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faster_coco_eval_agrees_with_pycocotools(seed):
+    pytest.importorskip("faster_coco_eval")
+    from napari_sartorius.coco_eval import coco_mask_ap
+
+    pred, gt = _dense_pair(seed)
+    ref = coco_mask_ap(pred, gt, backend="pycocotools")
+    fast = coco_mask_ap(pred, gt, backend="faster")
+    assert 0.0 < ref["AP"] < 1.0
+    assert fast == pytest.approx(ref, abs=1e-9)
+    assert coco_mask_ap(pred, gt) == pytest.approx(ref, abs=1e-9)  # auto
+
+
+def test_coco_backend_choice(monkeypatch):
+    import sys
+
+    from napari_sartorius.coco_eval import _coco_backend
+
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
+        _coco_backend("fastest")
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
+    assert _coco_backend("auto")[1].__module__ == "pycocotools.cocoeval"
+    with pytest.raises(ImportError, match="faster-coco-eval"):
+        _coco_backend("faster")

@@ -1,4 +1,5 @@
-"""The Sartorius competition metric, per image, per cell type and overall, with COCO mask AP beside it.
+"""The Sartorius competition metric, per image, per cell type and overall, with COCO mask AP beside it
+(:mod:`napari_sartorius.coco_eval`).
 
 Competition score of one image (the Kaggle metric): for each IoU threshold ``t`` in
 0.50, 0.55, ..., 0.95 a prediction matches a ground-truth object when their IoU is **strictly greater**
@@ -23,8 +24,6 @@ comparison.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Union
 import numpy as np
 
 from .annotations import AnnotationSet, ImageAnnotations
+from .coco_eval import COCO_MAX_DETS, coco_mask_ap  # noqa: F401 - re-exported: COCO AP lives in coco_eval
 from .instances import Instances
 
 __all__ = [
@@ -49,9 +49,6 @@ __all__ = [
 #: The competition's IoU thresholds 0.50, 0.55, ..., 0.95.
 IOU_THRESHOLDS: np.ndarray = np.round(np.arange(0.5, 0.951, 0.05), 2)
 
-#: COCOeval ``maxDets``; the AP is reported at the largest (an SH-SY5Y image has up to ~800 cells,
-#: an unfiltered prediction a few thousand; COCO's default 100 would silently drop most of them).
-COCO_MAX_DETS = (100, 1000, 3000)
 
 LabelsOrInstances = Union[np.ndarray, Instances]
 
@@ -374,8 +371,8 @@ def evaluate(
     Args:
         pred: predictions (Instances with scores and mask probabilities; overlaps resolved by score).
         gt: ground truth (overlapping instances allowed).
-        coco: also compute COCO mask AP with pycocotools (slow on dense images: pycocotools' matching
-            loop is pure Python, ~n_pred x n_gt x 10 steps per image).
+        coco: also compute COCO mask AP (:func:`coco_mask_ap`: faster-coco-eval, else pycocotools,
+            whose pure-Python matching loop takes seconds on a dense image).
         coco_use_cats: match COCO detections only within a category. Off by default: the competition
             metric ignores classes, and an engine's class guess would otherwise change the AP.
         mask_threshold: probability at or above which a predicted crop pixel is in the mask.
@@ -427,72 +424,3 @@ def evaluate(
         extra=extra,
         image_types=image_types,
     )
-
-
-def coco_mask_ap(
-    pred: AnnotationSet,
-    gt: AnnotationSet,
-    *,
-    use_cats: bool = False,
-    max_dets=COCO_MAX_DETS,
-    mask_threshold: float = 0.5,
-) -> dict[str, float]:
-    """COCO mask AP, AP50, AP75 (0..1) of ``pred`` against ``gt`` with pycocotools' COCOeval.
-
-    Predictions are evaluated as they are (COCO allows overlapping detections), ground-truth
-    instances and predictions are binarised at ``mask_threshold``, images matched by ``image_id``
-    (the COCO encoding is :mod:`napari_sartorius.io.coco`'s). Only the ground-truth images are
-    evaluated; ``maxDets`` is raised to ``max_dets`` and the values
-    are read at the largest, over all object areas. No predictions at all give 0.0; no ground-truth
-    objects give NaN (undefined). pycocotools' console output is silenced.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    from .io.coco import annotation_set_to_coco, annotation_set_to_results
-
-    image_ids = {im.image_id: k + 1 for k, im in enumerate(gt.images)}
-    gt_dict = annotation_set_to_coco(gt, threshold=mask_threshold, image_ids=image_ids)
-    gt_cats = {c["name"]: int(c["id"]) for c in gt_dict["categories"]}
-    pred_sub = AnnotationSet(
-        images=[im for im in pred.images if im.image_id in image_ids],
-        class_names=pred.class_names,
-        category_ids=pred.category_ids,
-    )
-    results = (
-        annotation_set_to_results(
-            pred_sub, image_ids, threshold=mask_threshold, category_ids=gt_cats, with_file_name=False
-        )
-        if len(pred_sub)
-        else []
-    )
-    if not gt_dict.get("annotations"):
-        return {"AP": math.nan, "AP50": math.nan, "AP75": math.nan}
-    if not results:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt_dict
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.params.imgIds = sorted(image_ids.values())
-        ev.params.maxDets = list(max_dets)
-        ev.params.areaRng = [[0, 1e10]]  # only "all": we report no per-size AP, saves 3/4 of the work
-        ev.params.areaRngLbl = ["all"]
-        ev.params.useCats = int(bool(use_cats))
-        ev.evaluate()
-        ev.accumulate()
-    # precision: [T thresholds, R recall points, K categories, A area ranges, M maxDets]
-    prec = ev.eval["precision"][:, :, :, 0, -1]
-
-    def ap(p):
-        p = p[p > -1]
-        return float(np.mean(p)) if p.size else math.nan
-
-    t = np.asarray(ev.params.iouThrs)
-    return {
-        "AP": ap(prec),
-        "AP50": ap(prec[np.isclose(t, 0.5)]),
-        "AP75": ap(prec[np.isclose(t, 0.75)]),
-    }

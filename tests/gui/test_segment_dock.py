@@ -153,7 +153,6 @@ def test_segment_with_a_small_checkpoint(qtbot, viewer_and_dock, tmp_path):
     from napari_sartorius._widgets._torch_import import guard_torch_import
 
     guard_torch_import()  # the viewer's OpenGL context is up: see _torch_import's notes
-    pytest.importorskip("torch")
     from napari_sartorius.models import checkpoint as ckpt_mod
     import torch
 
@@ -451,8 +450,7 @@ def test_napari_with_the_plugin_leaves_torch_alone_and_imports_it_safely_later(m
     import subprocess
     import sys
 
-    pytest.importorskip("torchvision")
-    code = (
+    code = (  # torch and torchvision are dependencies: a broken install fails here, never skips
         "import sys, numpy as np, napari, npe2\n"
         "from qtpy.QtWidgets import QApplication\n"
         "v = napari.Viewer(show=True)\n"

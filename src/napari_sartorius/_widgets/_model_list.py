@@ -48,7 +48,7 @@ class ModelEntry:
         return self.path is None and self.engine is None
 
     def get_engine(self, device: str = "auto"):
-        """The engine object for ``device`` ("auto", "cpu", "cuda"), loading it on first use.
+        """The engine object for ``device`` (one of ``device.DEVICE_CHOICES``), loading it on first use.
 
         Call it from a worker thread: loading a checkpoint imports torch and reads the file.
 
