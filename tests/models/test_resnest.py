@@ -190,3 +190,13 @@ def test_checkpoint_round_trip(tmp_path, tiny_blocks):
     with torch.no_grad():
         a, b = model([image])[0], loaded.eval()([image])[0]
     assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_training_freeze_at_reaches_the_resnest_body(tiny_blocks):
+    from napari_sartorius.training.trainer import set_freeze_at
+
+    model = build_model(ModelConfig(ARCH, freeze_at=0))
+    set_freeze_at(model, 3)
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.res3.parameters()) and isinstance(body.res3[0].conv1.norm, FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in body.res4.parameters()) and isinstance(body.res4[0].conv1.norm, torch.nn.BatchNorm2d)

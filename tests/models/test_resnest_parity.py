@@ -13,7 +13,8 @@ SyncBN, the RPN on p2 twice, anchors, cascade heads with BN, mask head, postproc
 Python code.
 
 The model is built from the bundled LIVECell config (``anchor_based/livecell_config.yaml``, which is
-the file itself) at full depth (ResNeSt-200), on a small image with a few test overrides: no resize
+the file itself), and from the fork's ``mask_cascade_rcnn_ResNeSt_200_FPN_dcn_syncBN_all_tricks_3x``
+COCO config with three classes, at full depth (ResNeSt-200), on a small image with a few test overrides: no resize
 (``MIN_SIZE_TEST: 0``), every anchor to NMS, a post-NMS cut and a score threshold placed in clear
 gaps of the fork's own scores. Seeded random weights are conditioned (BatchNorm statistics from the
 test image, head weights scaled to give spread, decisive scores), saved as the fork saves them,
@@ -35,7 +36,6 @@ import pytest
 import torch
 import yaml
 
-CLASSES = ("cell",)
 H, W = 96, 128
 
 
@@ -210,31 +210,42 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-9)
 
 
-def _write_config(tmp_path, overrides: dict) -> str:
-    (tmp_path / "anchor_based").mkdir(exist_ok=True)
-    base = tmp_path / "anchor_based" / "livecell_config.yaml"
-    base.write_text(yaml.safe_dump(BUNDLED_CONFIGS["anchor_based/livecell_config.yaml"]))
-    leaf = tmp_path / "anchor_based" / "test.yaml"
-    leaf.write_text(yaml.safe_dump(dict(overrides, _BASE_="livecell_config.yaml")))
+def _write_config(tmp_path, name: str, overrides: dict) -> str:
+    """The bundled config ``name`` (and its base) as YAML files plus a leaf with the test overrides,
+    read by both the fork and the importer."""
+    folder = tmp_path / name.split("/")[0]
+    folder.mkdir(exist_ok=True)
+    data = copy.deepcopy(BUNDLED_CONFIGS[name])
+    base = data.pop("_BASE_", None)
+    if base is not None:  # ../Base-RCNN-FPN.yaml
+        (folder / base).resolve().write_text(yaml.safe_dump(BUNDLED_CONFIGS[base.split("/")[-1]]))
+        data["_BASE_"] = base
+    (folder / "model.yaml").write_text(yaml.safe_dump(data))
+    leaf = folder / "test.yaml"
+    leaf.write_text(yaml.safe_dump(dict(overrides, _BASE_="model.yaml")))
     return str(leaf)
 
 
-def run_pair(tmp_path, seed: int) -> dict:
+LIVECELL = "anchor_based/livecell_config.yaml"
+FORK_DCN = "COCO-InstanceSegmentation/mask_cascade_rcnn_ResNeSt_200_FPN_dcn_syncBN_all_tricks_3x.yaml"
+
+
+def run_pair(tmp_path, name: str, classes: tuple, seed: int) -> dict:
     torch.manual_seed(seed)
     overrides = {
         "MODEL": {
             "DEVICE": "cpu",
-            "ROI_HEADS": {"SCORE_THRESH_TEST": 0.05},
+            "ROI_HEADS": {"SCORE_THRESH_TEST": 0.05, "NUM_CLASSES": len(classes)},
             "RPN": {"PRE_NMS_TOPK_TEST": 100000, "POST_NMS_TOPK_TEST": 100000},
         },
         "INPUT": {"MIN_SIZE_TEST": 0},
         "TEST": {"DETECTIONS_PER_IMAGE": 3000},
     }
     cfg = get_cfg()
-    cfg.merge_from_file(_write_config(tmp_path, overrides))
+    cfg.merge_from_file(_write_config(tmp_path, name, overrides))
     rgb = _image(seed)
-    bgr = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(2, 0, 1))).float()
-    d2_inputs = [{"image": bgr, "height": H, "width": W}]
+    arr = rgb[..., ::-1] if cfg.INPUT.FORMAT == "BGR" else rgb  # the fork takes its INPUT.FORMAT's order
+    d2_inputs = [{"image": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float(), "height": H, "width": W}]
     d2_model = d2_build_model(cfg).eval()
     rpn = d2_model.proposal_generator
     with torch.no_grad():
@@ -255,14 +266,15 @@ def run_pair(tmp_path, seed: int) -> dict:
     d2_out = detector_postprocess(copy.deepcopy(d2_raw), H, W)
     overrides["MODEL"]["ROI_HEADS"]["SCORE_THRESH_TEST"] = thresh
     overrides["MODEL"]["RPN"]["POST_NMS_TOPK_TEST"] = post_k
-    cfg_path = _write_config(tmp_path, overrides)
+    cfg_path = _write_config(tmp_path, name, overrides)
     weights = tmp_path / "model_final.pth"
     torch.save({"model": {k: v.detach().clone() for k, v in d2_model.state_dict().items()}, "iteration": 1}, weights)
     del d2_model
-    model, config, report = load_detectron2_model(weights, cfg_path, CLASSES)
+    model, config, report = load_detectron2_model(weights, cfg_path, classes)
     assert config.arch == "cascade_mask_rcnn_ResNeSt_200_FPN" and config.score_thresh_test == thresh
     # the fork keeps its anchors as buffers: rebuilt from the config here; nothing else is left out
-    assert sorted(report.ignored) == [f"proposal_generator.anchor_generator.cell_anchors.{i}" for i in range(6)]
+    levels = len(config.rpn_in_features)
+    assert sorted(report.ignored) == [f"proposal_generator.anchor_generator.cell_anchors.{i}" for i in range(levels)]
     assert len(report.warnings) == 1 and "cell_anchors" in report.warnings[0], report.warnings
     with torch.no_grad():
         raw = model([torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float()])[0]
@@ -270,17 +282,25 @@ def run_pair(tmp_path, seed: int) -> dict:
     return {"d2": d2_out, "d2_raw": d2_raw, "raw": raw, "ours": ours, "post_k": post_k, "thresh": thresh}
 
 
-def test_same_instances_as_detectron2_resnest(tmp_path):
+@pytest.mark.parametrize(
+    "name, classes, seed",
+    [
+        (LIVECELL, ("cell",), 11),  # the LIVECell file: p2 twice, BGR, 128 / 11.578, one class
+        (FORK_DCN, ("shsy5y", "astro", "cort"), 12),  # the fork's COCO config: p2-p6, RGB, 3 classes
+    ],
+)
+def test_same_instances_as_detectron2_resnest(tmp_path, name, classes, seed):
     from scipy.optimize import linear_sum_assignment
 
     torch.set_num_threads(1)
-    outs = run_pair(tmp_path, 11)
+    outs = run_pair(tmp_path, name, classes, seed)
     d2_out, d2_raw, raw, ours = outs["d2"], outs["d2_raw"], outs["raw"], outs["ours"]
     d2_boxes = d2_out.pred_boxes.tensor.numpy()
     d2_masks = d2_out.pred_masks.numpy()
     assert len(d2_boxes) >= 10, "the test model found too few instances to compare"
     assert len(ours) == len(d2_boxes), f"fork {len(d2_boxes)} instances, project {len(ours)}"
     iou = _box_iou(d2_boxes, ours.boxes)
+    iou[d2_out.pred_classes.numpy()[:, None] != ours.classes[None, :]] = -1
     rows, cols = linear_sum_assignment(-iou)
     assert (iou[rows, cols] > 0.9).all()
     figures = {
@@ -296,7 +316,7 @@ def test_same_instances_as_detectron2_resnest(tmp_path):
         if a.sum() >= 20:
             ious.append(np.logical_and(a, b).sum() / np.logical_or(a, b).sum())
     figures.update(min_mask_iou=float(min(ious, default=0.0)), masks_compared=len(ious))
-    print("LIVECell anchor-based parity", figures, "post-NMS cut", outs["post_k"], "threshold", outs["thresh"])
+    print(name, "parity", figures, "post-NMS cut", outs["post_k"], "threshold", outs["thresh"])
     assert figures["max_box_px"] <= 0.05, figures
     assert len(ious) >= 5, figures
     assert figures["min_mask_iou"] >= 0.98, figures
