@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt bodies with FrozenBatchNorm, and their FPN (P2-P6) and C4 (res4) assemblies.
+"""ResNet / ResNeXt bodies with FrozenBatchNorm, and their FPN (P2-P6) and C4 (res4) assemblies
+(ResNeSt bodies: :mod:`.resnest`, assembled with the same FPN).
 
 Parameter names (stable; the detectron2 importer maps onto them):
 
@@ -114,7 +115,13 @@ def _fixup_residuals(body: tv_resnet.ResNet) -> None:
 
 
 def freeze_body(body: tv_resnet.ResNet, freeze_at: int) -> None:
-    """Stop gradients to the stem (``freeze_at >= 1``) and to res2..res``freeze_at``."""
+    """Stop gradients to the stem (``freeze_at >= 1``) and to res2..res``freeze_at``. ResNeSt bodies
+    (:mod:`.resnest`) also get FrozenBatchNorm2d there, as detectron2 does (their other layers are BN)."""
+    if hasattr(body, "stem"):
+        from .resnest import freeze_resnest
+
+        freeze_resnest(body, freeze_at)
+        return
     frozen = []
     if freeze_at >= 1:
         frozen += [body.conv1, body.bn1]

@@ -272,7 +272,7 @@ def load_state(
     target = model.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     report = LoadReport(
-        missing=[k for k in target if k not in state and not k.endswith("num_batches_tracked")],  # BN (ResNeSt)
+        missing=[k for k in target if k not in state and not k.endswith("num_batches_tracked")],  # BN counters
         unexpected=[k for k in state if k not in target],
         mismatched=[k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)],
     )

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "world_size_from_env", "init_from_env", "is_main_process", "wrap_model", "unwrap", "no_sync", "any_rank", "barrier", "cleanup"]
+__all__ = ["DistContext", "world_size_from_env", "init_from_env", "is_main_process", "wrap_model", "sync_batchnorm", "unwrap", "no_sync", "any_rank", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,23 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with its BatchNorm layers (the ResNeSt architectures' body, FPN and heads) turned into
+    ``SyncBatchNorm`` when ``device`` is a GPU, as detectron2's SyncBN: statistics over the images of
+    all processes, same parameters and state-dict names; FrozenBN stays frozen. PyTorch's SyncBatchNorm
+    runs on GPUs only: on CPU (gloo) each process keeps plain BatchNorm over its own images."""
+    if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """``model`` in DistributedDataParallel on ``ctx.device``.
 
     ``find_unused_parameters`` is on: a batch without any cell leaves the mask branch out of the graph.
-    BatchNorm layers (the ResNeSt architectures' body, FPN and heads) become ``SyncBatchNorm``, as
-    detectron2's SyncBN: statistics over the images of all processes (same parameters and state-dict
-    names; FrozenBN stays frozen).
+    BatchNorm layers become ``SyncBatchNorm`` on GPUs (:func:`sync_batchnorm`).
     """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, ctx.device)
     model.to(ctx.device)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
