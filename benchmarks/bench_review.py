@@ -15,7 +15,8 @@ cells it overlaps that no other cell already stands for: matched at IoU >= 0.5 b
 cell, or placed by an earlier fix), and deletes it when there is none (a false cell, or a fragment of
 a cell that another prediction already has). It prints the competition score (mean over images) after each
 ``k``, and the AUROC of the uncertainty and of (1 - score) for "this prediction is wrong" (no true
-cell at IoU >= 0.5), over all predicted cells of each group.
+cell at IoU >= 0.5), over all predicted cells of each group, and per image its score beside its mean
+uncertainty (what ``summary.csv`` ranks images by) with their rank correlation.
 
 ``--tune`` searches the weights of the combined uncertainty (``UNCERTAINTY_WEIGHTS``) on *other*
 synthetic images only (seeds 100+) and prints the best; the real images never take part in tuning.
@@ -161,6 +162,8 @@ def simulate(items, repeats: int):
             draws = [competition_score(fix(pred, gt, rng.permutation(labels)[:k], over), gt) for _ in range(repeats)]
             rows["random"].setdefault(k, []).append(float(np.mean(draws)))
     u, s, w = (np.concatenate(a) if a else np.zeros(0) for a in (all_u, all_s, all_wrong))
+    simulate.per_image = [(b, float(np.mean(q["uncertainty"])) if len(q["uncertainty"]) else float("nan"))
+                          for b, (*_, q) in zip(base, items)]
     return float(np.mean(base)), {h: {k: float(np.mean(v)) for k, v in r.items()} for h, r in rows.items()}, \
         auroc(u, w), auroc(s, w), int(w.sum()), len(w)
 
@@ -177,6 +180,13 @@ def print_table(title, items, repeats):
         print(f"  by {how:<20s} " + "  ".join(f"{r[k]:.3f}  " for k in KS))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"  AUROC for 'prediction is wrong': uncertainty {fmt(au_u)}, 1 - score {fmt(au_s)}")
+    pairs = [(b, m) for b, m in simulate.per_image if np.isfinite(m)]
+    if len(pairs) >= 3:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr([b for b, _ in pairs], [m for _, m in pairs])[0]
+        print(f"  images: score vs mean uncertainty " + ", ".join(f"{b:.3f}/{m:.3f}" for b, m in pairs)
+              + f"; Spearman {rho:.2f} (negative: the uncertain images are the bad ones)")
 
 
 # -- tuning and cost ---------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def build_engines(models: Sequence[str], device: str, cell_type: str | None):
                            "pretrained list`; or use --model classical)")
         from .models.predictor import MaskRCNNEngine
 
-        engines.append(MaskRCNNEngine.from_checkpoint(path, device=device))
+        from .models.model_files import resolve_model_file
+
+        engines.append(MaskRCNNEngine.from_checkpoint(resolve_model_file(path), device=device))
     return engines
 
 
@@ -470,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="checkpoint file to write")
     x.add_argument("--classes", default="shsy5y,astro,cort", help="comma-separated class names, in training order")
     x.set_defaults(func=cmd_import_detectron2)
+
+    from .commands import import_mmdet
+
+    import_mmdet.add_parser(sub)
 
     t = sub.add_parser("train", help="train or fine-tune a model (K-fold cross-validation with --folds)")
     t.add_argument("--data", action="append", required=True, metavar="SRC", help="COCO JSON or Kaggle CSV (repeatable)")

@@ -170,8 +170,19 @@ def test_shortcuts_and_uncertain_points(viewer_and_dock):
     dock.set_predictions([raw_cells()], DEFAULT_CLASSES, image)
     panel = dock.review
     keymap = viewer.keymap
-    for key in SHORTCUTS.values():
-        assert any(str(k).lower().replace("+", "-") == key.lower() or str(k) == key for k in keymap), key
+
+    def bound(key):
+        hits = [f for k, f in keymap.items() if str(k).lower().replace("+", "-") == key.lower() or str(k) == key]
+        assert hits, key
+        return hits[0]
+
+    bound(SHORTCUTS["next"])(viewer)
+    assert dock.review.current is not None and cell_of(dock.labels_layer, dock.review.current) == (10, 60)
+    bound(SHORTCUTS["accept"])(viewer)
+    assert dock.review.counter.value.startswith("reviewed 1 of 3 flagged")
+    bound(SHORTCUTS["delete"])(viewer)
+    assert dock.review.counter.value.startswith("reviewed 1 of 2 flagged")
+    dock.set_predictions([raw_cells()], DEFAULT_CLASSES, image)  # a fresh result: nothing reviewed
     pts = panel.mark_uncertain()
     assert pts is not None and len(pts.data) == 3
     np.testing.assert_allclose(sorted(pts.features["uncertainty"]), [0.3, 0.5, 0.9], atol=1e-6)

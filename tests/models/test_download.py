@@ -440,3 +440,31 @@ def test_livecell_entry_end_to_end(server, home, tmp_path, monkeypatch):
         assert torch.equal(loaded.state_dict()[name], value), name
     _, cfg3, _ = inherit_single_class(loaded, loaded_config, ("shsy5y", "astro", "cort"))
     assert loaded.roi_heads.box_predictor[2].cls_score.weight.shape[0] == 4 and cfg3.num_classes == 3
+
+
+def test_model_zoo_pkl_and_a_pickle_with_code(server, d2_file, home, tmp_path):
+    import pickle
+
+    from napari_sartorius.models.detectron2_import import load_detectron2_state
+
+    body, cfg, _ = d2_file
+    state = load_detectron2_state(_write(tmp_path / "src.pth", body))
+    pkl = pickle.dumps({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "Detectron2 Model Zoo"})
+    entry = _entry(server.serve("/pkl/model_final_abc123.pkl", pkl), cfg, name="test-pkl")
+    assert read_checkpoint(fetch_pretrained(entry))[1].provenance["sha256"] == hashlib.sha256(pkl).hexdigest()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = pickle.dumps({"model": {"x": Evil()}})
+    bad = _entry(server.serve("/pkl/model_final_evil.pkl", evil), cfg, name="test-evil")
+    with pytest.raises(PretrainedError, match="refused to unpickle.*builtins.print") as info:
+        fetch_pretrained(bad)
+    assert "\n" not in str(info.value)
+    assert not download.download_path(bad).exists() and not download.checkpoint_path(bad).exists()
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path

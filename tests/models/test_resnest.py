@@ -149,3 +149,44 @@ def test_a_single_image_trains(tiny_blocks):
     assert torch.isfinite(total)
     total.backward()
     assert model.backbone.body.res3[0].conv2.fc1.weight.grad is not None
+
+
+def test_fresh_model_takes_batchnorm_statistics_from_data(tiny_blocks):
+    from napari_sartorius.training.trainer import prepare_fresh_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(ARCH, class_names=("cell",), min_size_test=64, max_size_test=64, freeze_at=0)
+    model = build_model(cfg)
+    image = torch.rand(3, 64, 64) * 50 + 100
+    prepare_fresh_model(model, [image])
+    stem_bn = model.backbone.body.stem.conv1_1.norm
+    assert stem_bn.running_mean.abs().max() > 0 and not torch.allclose(stem_bn.running_var, torch.ones(64))
+    assert not model.roi_heads.mask_head[0][1].running_var.eq(1).all()
+
+
+def test_imagenet_weights_are_refused_for_resnest_with_the_way_out(tiny_blocks):
+    from napari_sartorius.models.architectures import load_backbone_weights
+
+    model = build_model(ModelConfig(ARCH))
+    with pytest.raises(ValueError, match="import-detectron2"):
+        load_backbone_weights(model, {"conv1.weight": torch.zeros(1)})
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_blocks):
+    from napari_sartorius.models.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(ARCH, class_names=("cell",), min_size_test=64, max_size_test=64, rpn_post_nms_top_n_test=30,
+                      detections_per_img=5, score_thresh_test=0.0)  # fmt: skip
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    path = save_checkpoint(tmp_path / "livecell.pt", model, cfg)
+    loaded, loaded_cfg = load_checkpoint(path)
+    assert loaded_cfg.rpn_in_features == cfg.rpn_in_features and loaded_cfg.arch == ARCH
+    image = torch.rand(3, 64, 64) * 255
+    with torch.no_grad():
+        a, b = model([image])[0], loaded.eval()([image])[0]
+    assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])

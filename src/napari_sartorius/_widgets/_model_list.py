@@ -70,7 +70,9 @@ class ModelEntry:
                     guard_torch_import()
                     from ..models.predictor import MaskRCNNEngine
 
-                    self._cache[key] = MaskRCNNEngine.from_checkpoint(self.path, device=device)
+                    from ..models.model_files import resolve_model_file  # MMDetection files: imported once
+
+                    self._cache[key] = MaskRCNNEngine.from_checkpoint(resolve_model_file(self.path), device=device)
             return self._cache[key]
 
 

@@ -171,7 +171,10 @@ class ReviewPanel(Container):
             fn = actions[name]
 
             def handler(_viewer, _fn=fn):
-                _fn()
+                try:
+                    _fn()
+                except RuntimeError:  # the panel's Qt widgets were deleted (dock closed)
+                    pass
 
             self._viewer.bind_key(key, handler, overwrite=True)
 

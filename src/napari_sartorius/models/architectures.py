@@ -1,4 +1,4 @@
-"""The six Mask R-CNN architectures on torchvision's detection stack.
+"""The registered Mask R-CNN architectures (:mod:`.registry`) on torchvision's detection stack.
 
 ``build_model(config)`` returns a :class:`CellMaskRCNN` (a torchvision ``GeneralizedRCNN``):
 
@@ -12,7 +12,8 @@
 
 Parameter names (``model.state_dict()`` keys; stable, the detectron2 importer maps onto them):
 
-* backbone: see :mod:`.backbones` (``backbone.body.*``, ``backbone.fpn.*``) and :mod:`.deform_conv`.
+* backbone: see :mod:`.backbones` (``backbone.body.*``, ``backbone.fpn.*``), :mod:`.deform_conv` and,
+  for the ResNeSt bodies (detectron2's own names under ``backbone.body.``), :mod:`.resnest`.
 * RPN: ``rpn.head.conv.0.0`` (3x3 conv, C -> C; detectron2 ``proposal_generator.rpn_head.conv``),
   ``rpn.head.cls_logits`` (A outputs; ``...rpn_head.objectness_logits``), ``rpn.head.bbox_pred``
   (4 A outputs, anchor-major; ``...rpn_head.anchor_deltas``). Anchor order: :mod:`.anchors`. Training
@@ -394,6 +395,12 @@ def load_backbone_weights(model: CellMaskRCNN, weights) -> list[str]:
             message names the first keys that do not fit).
     """
     source = "ImageNet weights"
+    info = REGISTRY[model.config.arch]
+    if info.is_resnest:
+        raise ValueError(
+            f"ImageNet weights are not read for the {info.body} body of {model.config.arch}: start from "
+            "a detectron2-ResNeSt or LIVECell checkpoint (import-detectron2) or from random weights"
+        )
     if not isinstance(weights, Mapping):
         source = str(weights)
         try:

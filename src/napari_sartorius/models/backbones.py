@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt bodies with FrozenBatchNorm, and their FPN (P2-P6) and C4 (res4) assemblies.
+"""ResNet / ResNeXt bodies with FrozenBatchNorm, and their FPN (P2-P6) and C4 (res4) assemblies
+(ResNeSt bodies: :mod:`.resnest`, assembled with the same FPN).
 
 Parameter names (stable; the detectron2 importer maps onto them):
 

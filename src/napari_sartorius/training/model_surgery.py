@@ -144,7 +144,8 @@ def prepare_fresh_model(model: nn.Module, images: Sequence[torch.Tensor]) -> Non
         mod.weight.fill_(1.0)
         mod.bias.zero_()
 
-    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    norms = (FrozenBatchNorm2d, nn.BatchNorm2d)  # BatchNorm: the ResNeSt bodies, FPN and heads
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, norms)]
     was_training = model.training
     # Only the statistics matter: keep the pass cheap (few proposals, one detection for the mask head).
     roi, rpn = getattr(model, "roi_heads", None), getattr(model, "rpn", None)
