@@ -33,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory):
     from napari_sartorius._widgets._torch_import import guard_torch_import
 
     guard_torch_import()
-    torch = pytest.importorskip("torch")
+    import torch  # a dependency: a broken install fails here, never skips
     from napari_sartorius.models.checkpoint import init_checkpoint
     from napari_sartorius.models.config import ModelConfig
 
@@ -88,7 +88,9 @@ def _wait(qtbot, dock):
 
 def test_augmentation_controls_mirror_the_settings():
     """The dock names the augmentations without importing torch; they must match the real dataclass."""
-    pytest.importorskip("torch")
+    from napari_sartorius._widgets._torch_import import guard_torch_import
+
+    guard_torch_import()  # torch in a process with an OpenGL context: never without the guard
     from napari_sartorius.training.augment import AugmentationSettings
 
     defaults = {f.name: f.default for f in dataclasses.fields(AugmentationSettings)}
@@ -120,7 +122,9 @@ def test_defaults_pick_the_selected_image_and_its_labels(viewer, tmp_path):
 
 
 def test_controls_map_onto_the_training_settings(viewer, tmp_path):
-    pytest.importorskip("torch")
+    from napari_sartorius._widgets._torch_import import guard_torch_import
+
+    guard_torch_import()  # run alone this test is the first to import torch: the guard comes first
     from napari_sartorius.training.augment import AugmentationSettings
     from napari_sartorius.training.trainer import TrainSettings
 
