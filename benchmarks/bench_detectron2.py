@@ -12,6 +12,10 @@ input size (no resizing on either side):
 * ``to results``: detectron2 ``model(inputs)`` (masks pasted into full-image arrays, thresholded)
   against ``MaskRCNNEngine.predict`` (masks pasted into crops).
 
+The project's model runs as an engine loaded from a checkpoint runs it on the CPU (FrozenBN folded into
+the convolutions, channels-last weights, :mod:`napari_sartorius.models.cpu_fast`); ``--plain`` times it
+without that preparation.
+
 It prints the median of ``--runs`` runs (after one warm-up) and the ratio project / detectron2, with
 the instance counts of both (equal when both process the same proposals).
 
@@ -90,7 +94,7 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench(arch: str, runs: int) -> None:
+def bench(arch: str, runs: int, plain: bool = False) -> None:
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model as d2_build_model
 
@@ -111,7 +115,8 @@ def bench(arch: str, runs: int) -> None:
         weights = Path(tmp) / "model_final.pth"
         torch.save({"model": d2_model.state_dict()}, weights)
         model, config, _ = load_detectron2_model(weights, cfg_path, ("shsy5y", "astro", "cort"))
-    engine = MaskRCNNEngine(model, config)
+    # as a checkpoint's engine runs on the CPU: FrozenBN folded, channels-last (models/cpu_fast.py)
+    engine = MaskRCNNEngine(model, config, cpu_fast=not plain)
     bgr = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(2, 0, 1))).float()
     inputs = [{"image": bgr, "height": h, "width": w}]
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", nargs="+", default=["mask_rcnn_R_50_FPN", "mask_rcnn_R_50_C4"], choices=sorted(ZOO))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--plain", action="store_true",
+                        help="time the project's model without the CPU preparation (FrozenBN folding, channels-last)")
     args = parser.parse_args(argv)
     try:
         import detectron2  # noqa: F401
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} thread(s), median of {args.runs} runs after a warm-up")
     for arch in args.arch:
-        bench(arch, args.runs)
+        bench(arch, args.runs, args.plain)
     return 0
 
 

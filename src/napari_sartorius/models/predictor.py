@@ -121,6 +121,7 @@ class MaskRCNNEngine:
         name: str | None = None,
         amp: bool = True,
         cpu_batch: int = 1,
+        cpu_fast: bool = False,
     ) -> None:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
@@ -133,6 +134,10 @@ class MaskRCNNEngine:
             raise ValueError(f"cpu_batch must be at least 1, got {cpu_batch}")
         self.cpu_batch = int(cpu_batch)
         self.model = model.eval().to(self.device)
+        if cpu_fast and self.device.type == "cpu":
+            from .cpu_fast import prepare_for_cpu_inference_
+
+            prepare_for_cpu_inference_(self.model)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> MaskRCNNEngine:
@@ -141,6 +146,7 @@ class MaskRCNNEngine:
 
         model, config = load_checkpoint(path, map_location="cpu")
         kwargs.setdefault("name", Path(path).stem)
+        kwargs.setdefault("cpu_fast", True)  # the freshly loaded model is the engine's own
         return cls(model, config, device=device, **kwargs)
 
     def __repr__(self) -> str:
