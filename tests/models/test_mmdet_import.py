@@ -347,3 +347,11 @@ def test_cli_import_mmdet(tmp_path, project_model, capsys):
     assert read_checkpoint(out)[1].class_names == ("a", "b", "c")
     assert main(["import-mmdet", str(w), "--out", str(tmp_path / "x.pt")]) != 0
     assert "--config" in capsys.readouterr().err
+
+
+def test_the_project_loader_points_mmdetection_files_to_the_import(tmp_path, project_model):
+    from napari_sartorius.models.checkpoint import CheckpointError
+
+    w = _save(tmp_path / "epoch_1.pth", to_mmdet(project_model.state_dict()), {"epoch": 1})
+    with pytest.raises(CheckpointError, match="import-mmdet"):
+        read_checkpoint(w)

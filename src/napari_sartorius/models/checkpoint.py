@@ -95,7 +95,8 @@ def _torch_load(path: Path, map_location) -> Any:
         raise CheckpointError(
             f"{path}: refused to load{what}: checkpoints are read with torch.load(weights_only=True), "
             "which never runs code from the file. Save only tensors and plain data (a state dict), or "
-            "convert detectron2 files with `napari-sartorius import-detectron2`"
+            "convert detectron2 files with `napari-sartorius import-detectron2`, MMDetection files with "
+            "`napari-sartorius import-mmdet`"
         ) from exc
     except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
@@ -149,6 +150,11 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict[str, tor
             )
         if _is_torchvision_state(state):
             return dict(state), torchvision_config(state, source=path), {}
+    if isinstance(data.get("state_dict"), Mapping) and any(str(k).startswith("rpn_head.") for k in data["state_dict"]):
+        raise CheckpointError(
+            f"{path} is an MMDetection checkpoint: convert it first with "
+            "`napari-sartorius import-mmdet WEIGHTS [--config CONFIG.py] --out CKPT`"
+        )
     keys = ", ".join(map(str, list(data)[:6]))
     raise CheckpointError(
         f"{path} is not a napari-sartorius checkpoint (keys: {keys}); create one with "
