@@ -133,3 +133,27 @@ def test_real_annotations_come_out_without_overlaps(real_data):
         for i in range(len(im.instances)):
             cover[im.instances.crop_slices(i)] += im.instances.masks[i] >= 0.5
         assert cover.max() <= 1
+
+
+def test_per_instance_columns_follow_the_cells_that_survive():
+    """Uncertainty / reviewed columns stay with their cells when overlaps are resolved and small ones dropped."""
+    import numpy as np
+
+    from napari_sartorius.cleaning import clean_annotations
+    from napari_sartorius.instances import Instances
+
+    big = np.ones((10, 10), np.float32)
+    tiny = np.ones((2, 2), np.float32)
+    inst = Instances(
+        image_size=(40, 40),
+        boxes=np.array([[0, 0, 10, 10], [20, 20, 22, 22], [5, 5, 15, 15]], np.float32),
+        scores=np.array([0.9, 0.8, 0.7], np.float32),
+        classes=np.zeros(3, np.int64),
+        masks=[big, tiny, big.copy()],
+        mask_origins=np.array([[0, 0], [20, 20], [5, 5]], np.int64),
+        columns={"uncertainty": np.array([0.1, 0.5, 0.9]), "reviewed": np.array([True, False, False])},
+    )
+    cleaned, _ = clean_annotations(inst, min_area=10)
+    assert len(cleaned) == 2  # the 2x2 cell is dropped
+    np.testing.assert_allclose(cleaned.columns["uncertainty"], [0.1, 0.9])
+    assert cleaned.columns["reviewed"].tolist() == [True, False]

@@ -226,6 +226,7 @@ def clean_annotations(
         classes=inst.classes[idx],
         masks=out_masks,
         mask_origins=np.asarray(out_origins, np.int64).reshape(-1, 2),
+        columns={k: v[idx] for k, v in inst.columns.items()},  # uncertainty, reviewed, ... follow their cells
     )
     rep.n_instances_out = len(cleaned)
     return cleaned, rep
