@@ -18,7 +18,6 @@ import copy
 import statistics
 import time
 
-import numpy as np
 import torch
 
 

@@ -1,4 +1,5 @@
-"""Folder inference at scale: streamed, resumable, sharded over ranks (``torchrun``), flat memory.
+"""Folder inference at scale: streamed, resumable, sharded over ranks (``torchrun``), flat memory
+(the output folder's lock, parts and merge are in :mod:`.folder_parts`).
 
 :func:`segment_folder` segments a list of image files with an ensemble of engines and writes, into an
 output folder:
@@ -14,8 +15,7 @@ output folder:
   run goes on, and a resumed run tries them again);
 * at the end, rank 0 (after every rank has finished its share) merges the parts, in input order, into
   ``predictions.json`` (a COCO results list, image ids 1, 2, ... over the files' planes; written to a
-  temporary name and renamed), the failures into ``failures.txt`` and a per-image ``summary.csv`` (cell
-  count, mean and 90th-percentile uncertainty, :mod:`.uncertainty`).
+  temporary name and renamed) and the failures into ``failures.txt``.
 
 Memory stays flat: predictions go to disk image by image, and the merge holds one line at a time plus
 an index of (file, offset) per image.
@@ -33,12 +33,8 @@ a second run stops with a message naming the holder. A lock left by a run that w
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +42,26 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..io.atomic import atomic_path, atomic_write
-from .uncertainty import image_summary, write_summary_csv
+from ..io.atomic import atomic_path
+from .folder_parts import (
+    FAILURES,
+    LOCK_NAME,
+    PARTS_DIR,
+    PREDICTIONS,
+    FolderRunError,
+    OutputLock,
+    OutputLocked,
+    _append_line,
+    _clear_temporaries,
+    _disk_full,
+    _disk_full_error,
+    _failure_path,
+    _part_files,
+    _part_path,
+    _truncate_partial_tail,
+    done_files,
+    merge_parts,
+)
 
 __all__ = [
     "FolderSettings",
@@ -60,24 +74,14 @@ __all__ = [
     "done_files",
     "segment_folder",
     "merge_parts",
+    "FAILURES",
+    "LOCK_NAME",
+    "PARTS_DIR",
+    "PREDICTIONS",
 ]
 
-LOCK_NAME = ".segment.lock"
-PARTS_DIR = "parts"
-PREDICTIONS = "predictions.json"
-FAILURES = "failures.txt"
-SUMMARY = "summary.csv"
 #: A step inside an image is shown when this many seconds passed since the last line (display only).
 STEP_LINE_SECONDS = 5.0
-
-
-class FolderRunError(RuntimeError):
-    """The run cannot go on (disk full, a rank stopped, outputs incomplete): a one-line reason that
-    says what to do."""
-
-
-class OutputLocked(FolderRunError):
-    """Another run holds the output folder's lock."""
 
 
 @dataclass(frozen=True)
@@ -183,165 +187,6 @@ def shard(items: Sequence, rank: int, world: int) -> list:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
     return list(items[rank::world])
-
-
-# -- the output folder's lock ---------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    return True
-
-
-class OutputLock:
-    """``<folder>/.segment.lock``, created atomically with this process's pid, host and start time.
-
-    :meth:`acquire` raises :class:`OutputLocked` when another live run holds it; a lock whose pid is
-    gone on this host (a killed run) is taken over and :attr:`took_over` describes it.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK_NAME
-        self.took_over: str | None = None
-        self._held = False
-
-    def _read(self) -> dict | None:
-        try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return info if isinstance(info, dict) else None
-
-    def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
-            fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(json.dumps(me))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.link(tmp, self.path)  # fails when the lock exists: creation with content, atomic
-                self._held = True
-                return
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-            other = self._read()
-            if other is not None and other.get("host") == me["host"] and isinstance(other.get("pid"), int) \
-                    and not _pid_alive(other["pid"]):
-                self.took_over = f"pid {other['pid']} (started {other.get('started', '?')}) is gone"
-                self.path.unlink(missing_ok=True)
-                continue
-            who = (f"pid {other.get('pid')} on {other.get('host')} since {other.get('started')}"
-                   if other else "an unreadable lock")
-            raise OutputLocked(
-                f"{self.path.parent} is being written by another segment run ({who}): wait for it to end, "
-                f"use another --out, or delete {self.path} if that run is gone"
-            )
-        raise OutputLocked(f"could not take the lock {self.path}: delete it if no run is writing there")
-
-    def release(self) -> None:
-        if self._held:
-            info = self._read()
-            if info is not None and info.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self._held = False
-
-
-# -- parts ----------------------------------------------------------------------------------------
-
-
-def _part_path(out: Path, rank: int) -> Path:
-    return out / PARTS_DIR / f"rank{rank}.jsonl"
-
-
-def _failure_path(out: Path, rank: int) -> Path:
-    return out / PARTS_DIR / f"failures.rank{rank}.jsonl"
-
-
-def _complete_lines(path: Path) -> Iterator[tuple[int, int, dict]]:
-    """``(offset, length, record)`` of each complete, valid JSON line of ``path`` (a line cut short by a
-    kill, i.e. without its newline or not valid JSON, is skipped)."""
-    offset = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            n = len(line)
-            if line.endswith(b"\n"):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    rec = None
-                if isinstance(rec, dict) and "file" in rec:
-                    yield offset, n, rec
-            offset += n
-
-
-def _part_files(out: Path, prefix: str) -> list[Path]:
-    folder = out / PARTS_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f"{prefix}*.jsonl") if p.name.startswith(prefix))
-
-
-def done_files(out: str | os.PathLike) -> set[str]:
-    """Names of the files with a complete line in any ``parts/rank*.jsonl`` of ``out``."""
-    done: set[str] = set()
-    for part in _part_files(Path(out), "rank"):
-        done.update(rec["file"] for _, _, rec in _complete_lines(part))
-    return done
-
-
-def _truncate_partial_tail(path: Path) -> None:
-    """Cut a last line left without its newline (the process was killed while appending it)."""
-    if not path.is_file():
-        return
-    size = path.stat().st_size
-    if size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return
-        keep = 0
-        for offset, n, _ in _complete_lines(path):
-            keep = offset + n
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _append_line(fh, record: dict) -> None:
-    fh.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-def _disk_full_error(what: Path, exc: OSError) -> FolderRunError:
-    return FolderRunError(
-        f"disk full while writing {what} ({exc.strerror}); every image written so far is complete: free "
-        "some space and run the same command again with --resume"
-    )
-
-
-def _clear_temporaries(out: Path) -> None:
-    """Remove temporary files left in ``out`` by a killed run (only called under the lock)."""
-    for folder in (out, out / PARTS_DIR):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -648,78 +493,3 @@ def _run_share(images, engines, out, settings, group, resume, workers, say, tag)
     return result
 
 
-# -- merge ------------------------------------------------------------------------------------------
-
-
-def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, int, int, Path]:
-    """Merge ``parts/`` into ``predictions.json`` (COCO results, input order, image ids 1, 2, ... over
-    planes) and ``failures.txt``; both written atomically.
-
-    Returns ``(planes, instances, failed files, predictions path)``.
-
-    Raises:
-        FolderRunError: a file has neither results nor a failure (a rank stopped early), or the disk is
-            full; ``predictions.json`` is then left as it was.
-    """
-    out = Path(out)
-    index: dict[str, tuple[Path, int, int]] = {}
-    for part in _part_files(out, "rank"):
-        for offset, n, rec in _complete_lines(part):
-            index.setdefault(rec["file"], (part, offset, n))  # first line wins: never one image twice
-    failed: dict[str, str] = {}
-    for part in _part_files(out, "failures.rank"):
-        for _, _, rec in _complete_lines(part):
-            if rec["file"] not in index:
-                failed[rec["file"]] = str(rec.get("error", ""))
-    missing = [p.name for p in images if p.name not in index and p.name not in failed]
-    if missing:
-        raise FolderRunError(
-            f"{len(missing)} image(s) have no results yet (first: {missing[0]}); a rank stopped early: run the "
-            "same command again with --resume"
-        )
-    path = out / PREDICTIONS
-    n_planes = n_cells = 0
-    summary = []
-    handles: dict[Path, object] = {}
-    try:
-        with atomic_write(path, "w") as fh:
-            fh.write("[")
-            sep = ""
-            for p in images:
-                if p.name not in index:
-                    continue
-                part, offset, n = index[p.name]
-                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
-                src.seek(offset)
-                rec = json.loads(src.read(n))
-                for plane in rec["planes"]:
-                    n_planes += 1
-                    unc = []
-                    for r in plane["results"]:
-                        r = dict(r, image_id=n_planes, file_name=plane["name"])
-                        fh.write(sep + json.dumps(r, separators=(",", ":")))
-                        sep = ",\n"
-                        n_cells += 1
-                        if r.get("uncertainty") is not None:
-                            unc.append(float(r["uncertainty"]))
-                    defined = bool(unc) and len(unc) == len(plane["results"])
-                    summary.append(image_summary(plane["name"], np.asarray(unc) if defined else None,
-                                                 count=len(plane["results"])))
-            fh.write("]\n")
-        write_summary_csv(summary, out / SUMMARY)  # which images to correct first
-        fail_path = out / FAILURES
-        if failed:
-            with atomic_write(fail_path, "w") as fh:
-                for p in images:
-                    if p.name in failed:
-                        fh.write(f"{p.name}: {failed[p.name]}\n")
-        else:
-            fail_path.unlink(missing_ok=True)
-    except OSError as exc:
-        if _disk_full(exc):
-            raise _disk_full_error(path, exc) from None
-        raise
-    finally:
-        for h in handles.values():
-            h.close()
-    return n_planes, n_cells, len(failed), path
