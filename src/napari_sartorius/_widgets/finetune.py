@@ -325,7 +325,9 @@ class FineTuneWidget(Container):
         elif isinstance(active, napari.layers.Labels):
             img = self._image_for_labels(active)
             if img is not None:
-                row.set_pair(img, active)
+                # a re-render written after the user's corrections is selected now: pair the corrected one
+                corrected = store_for(viewer).edited_labels(img.name, viewer.layers)
+                row.set_pair(img, corrected if corrected is not None else active)
         if row.image_layer.value is None:
             images = self._image_choices()
             if images:
