@@ -14,11 +14,12 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, PushButton
 
 from ..cell_types import DEFAULT_CLASSES
+from .ensemble_store import store_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .finetune import FineTuneWidget
 
-__all__ = ["PairChoice", "PairRow", "layer_array", "spatial_shape", "planes_of"]
+__all__ = ["PairChoice", "PairRow", "PairPickerMixin", "layer_array", "spatial_shape", "planes_of"]
 
 
 def layer_array(layer) -> np.ndarray:
@@ -152,3 +153,133 @@ class PairRow(Container):
                 return
 
 
+class PairPickerMixin:
+    """The Fine-tune dock's layer pickers and pair rows (the dock provides ``_viewer``, ``pairs``, a
+    container of :class:`PairRow`, and ``validation``, a :class:`PairRow`)."""
+
+    # -- layer pickers ----------------------------------------------------------------------
+    def _image_choices(self, *_):
+        import napari.layers
+
+        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Image)]
+
+    def _labels_choices(self, *_):
+        import napari.layers
+
+        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Labels)]
+
+    def matching_labels(self, image_layer):
+        """The Labels layer that most likely holds ``image_layer``'s cells, or None.
+
+        Among the Labels layers of the same (spatial) shape, prefer the one the user corrected on this
+        image (the Segment dock records it in the viewer's store), then one whose ``metadata["image"]``
+        names the image (the Segment dock writes that), then one whose name starts with the image's,
+        then the top-most one.
+        """
+        shape = spatial_shape(image_layer)
+        same = [lay for _, lay in self._labels_choices() if tuple(lay.data.shape) == shape]
+        if not same:
+            return None
+        corrected = store_for(self._viewer).edited_labels(image_layer.name, self._viewer.layers)
+        if corrected is not None and corrected in same:
+            return corrected
+        for lay in reversed(same):
+            if (lay.metadata or {}).get("image") == image_layer.name:
+                return lay
+        for lay in reversed(same):
+            if lay.name.startswith(image_layer.name):
+                return lay
+        return same[-1]
+
+    def _image_for_labels(self, labels_layer):
+        md = labels_layer.metadata or {}
+        for name, lay in reversed(self._image_choices()):
+            if md.get("image") == name:
+                return lay
+        shape = tuple(labels_layer.data.shape)
+        for _, lay in reversed(self._image_choices()):
+            if spatial_shape(lay) == shape:
+                return lay
+        return None
+
+    def _refresh_choices(self, *_):
+        for row in self.pair_rows:
+            row.reset_choices()
+        self.validation.reset_choices()
+
+    # -- pairs ------------------------------------------------------------------------------
+    @property
+    def pair_rows(self) -> list[PairRow]:
+        return list(self.pairs)
+
+    def add_pair(self, image_layer=None, labels_layer=None, cell_type: str | None = None) -> PairRow:
+        """Add a training row (optionally filled in) and return it."""
+        row = PairRow(self)
+        self.pairs.append(row)
+        if image_layer is not None:
+            row.set_pair(image_layer, labels_layer, cell_type)
+        return row
+
+    def remove_pair(self, row: PairRow) -> None:
+        self.pairs.remove(row)
+
+    def set_validation(self, image_layer, labels_layer=None, cell_type: str | None = None) -> None:
+        """Choose the validation pair (``None`` image: no validation)."""
+        if image_layer is None:
+            self.validation.image_layer.value = None
+            self.validation.labels_layer.value = None
+            return
+        self.validation.set_pair(image_layer, labels_layer, cell_type)
+
+    def _check_row(self, row: PairRow, what: str) -> PairChoice:
+        image, labels = row.image_layer.value, row.labels_layer.value
+        if labels is None:
+            if not self._labels_choices():
+                raise ValueError(
+                    "no Labels layer is open: segment the image (Segment cells) or paint labels first"
+                )
+            raise ValueError(f"{what}: choose the labels layer drawn on image '{image.name}'")
+        ishape, lshape = spatial_shape(image), tuple(labels.data.shape)
+        if ishape != lshape:
+            raise ValueError(
+                f"{what}: labels '{labels.name}' are {'x'.join(map(str, lshape))} but image '{image.name}' is "
+                f"{'x'.join(map(str, ishape))}: pick the labels drawn on this image"
+            )
+        if len(ishape) < 2:
+            raise ValueError(f"{what}: image '{image.name}' has shape {ishape}: need height and width")
+        lab = layer_array(labels)
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"{what}: labels '{labels.name}' must hold integer cell ids, not {lab.dtype}")
+        n_cells = int(np.count_nonzero(np.unique(lab)))
+        planes = planes_of(layer_array(image), lab, bool(getattr(image, "rgb", False)))
+        return PairChoice(image.name, labels.name, str(row.cell_type.value), planes, n_cells)
+
+    def checked_pairs(self) -> tuple[list[PairChoice], PairChoice | None]:
+        """The training pairs and the validation pair (or None), checked.
+
+        Raises:
+            ValueError: no pair, a pair without labels, labels of another shape than their image,
+                no labelled cell at all (the message says what to do).
+        """
+        rows = [r for r in self.pair_rows if r.image_layer.value is not None]
+        if not rows:
+            if not self._image_choices():
+                raise ValueError("no image layer is open: open an image and its labels first")
+            raise ValueError("choose at least one image/labels pair to train on (Add pair)")
+        train = [self._check_row(r, f"pair {i + 1}") for i, r in enumerate(rows)]
+        if sum(p.n_cells for p in train) == 0:
+            raise ValueError("the chosen labels hold no cell: paint or segment some cells first")
+        seen = set()
+        for p in train:
+            key = (p.image_name, p.labels_name)
+            if key in seen:
+                raise ValueError(f"the pair '{p.image_name}' / '{p.labels_name}' is chosen twice")
+            seen.add(key)
+        val = None
+        if self.validation.image_layer.value is not None:
+            val = self._check_row(self.validation, "validation pair")
+            if val.n_cells == 0:
+                raise ValueError(f"the validation labels '{val.labels_name}' hold no cell")
+            if (val.image_name, val.labels_name) in seen:
+                raise ValueError("the validation pair is also a training pair: pick another one, or none")
+        return train, val

@@ -16,7 +16,9 @@ Threading and imports:
       shown before starting (:func:`estimate_seconds`).
 
 Input checks (shapes, missing labels, no pair) run in the GUI thread before anything starts and are
-shown as notifications; nothing is started then. The pair rows live in :mod:`._finetune_pairs`.
+shown as notifications; nothing is started then. The pair rows and layer pickers live in
+:mod:`._finetune_pairs`, the worker job in :mod:`._finetune_job`, the presets and the time estimate in
+:mod:`._finetune_presets`; what stays here (~560 lines) is the dock's controls and its run cycle.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from magicgui.widgets import (
 from ..models.config import ARCH_NAMES
 from ..training.settings import AugmentationSettings, TrainSettings, multiscale_sizes
 from ._finetune_job import FineTuneOutcome, finetune_job
-from ._finetune_pairs import PairChoice, PairRow, layer_array, planes_of, spatial_shape
+from ._finetune_presets import _AUG_LABELS, _AUG_TIPS, FREEZE_CHOICES, PRESET_CHOICES, PRESETS, estimate_seconds
+from ._finetune_pairs import PairChoice, PairPickerMixin, PairRow
 from ._loss_plot import LossPlot
 from ._model_list import CHECKPOINT_FILTER
 from .ensemble_store import store_for
@@ -74,50 +77,6 @@ AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
     "saturation": (_AUG_DEFAULTS["saturation"], 0.95, 0.05, "Saturation"),
     "lighting": (_AUG_DEFAULTS["lighting"], 1.0, 0.05, "Lighting (PCA)"),
 }
-#: Control values of each preset (see the module's docstring); "crop_cells" 0 = whole images.
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(iterations=40, learning_rate=0.01, batch_size=2, train_size=384, freeze=5, crop_cells=256,
-                  resize=False),
-    "full": dict(iterations=300, learning_rate=0.0025, batch_size=2, train_size=0, freeze=-1, crop_cells=0,
-                 resize=True),
-}
-PRESET_CHOICES = [("Quick (CPU: heads only, crops around the cells)", "quick"), ("Full (GPU: whole model, whole images)", "full"),
-                  ("Custom", "custom")]
-#: Seconds per image and megapixel of network input for one R50-FPN training step on one CPU core
-#: pair of the development machine (2 cores), body frozen / trainable; see benchmarks/bench_finetune_loop.py.
-CPU_SECONDS_PER_MEGAPIXEL = {"frozen": 8.0, "trainable": 20.0}
-#: The same on a CUDA GPU (order of magnitude; the first iterations then give the real figure).
-GPU_SECONDS_PER_MEGAPIXEL = {"frozen": 0.08, "trainable": 0.2}
-_AUG_LABELS = {"crop": "Crop", "resize": "Multi-scale", "hflip": "Flip LR", "vflip": "Flip UD", "rot90": "Rot 90"}
-_AUG_TIPS = {
-    "crop": "random crop of each image (sides at least 'Crop at least' of the image's)",
-    "resize": "multi-scale training: a random short edge per image (see 'Training size')",
-    "hflip": "flip left-right with probability 0.5",
-    "vflip": "flip up-down with probability 0.5",
-    "rot90": "rotate by a random multiple of 90 degrees",
-}
-#: Frozen stages offered (detectron2's FREEZE_AT); -1 keeps the starting model's setting.
-FREEZE_CHOICES = [
-    ("as in the model", -1),
-    ("0: train everything", 0),
-    ("1: freeze the stem", 1),
-    ("2: stem + res2", 2),
-    ("3: stem + res2-3", 3),
-    ("4: stem + res2-4", 4),
-    ("5: whole backbone body", 5),
-]
-
-
-def estimate_seconds(iterations: int, batch_size: int, short_edge: int, long_edge: int, frozen_body: bool,
-                     device: str = "cpu") -> float:
-    """Rough wall time (s) of a run: ``iterations x batch x input megapixels x`` seconds per
-    megapixel (:data:`CPU_SECONDS_PER_MEGAPIXEL`, or the GPU figures for a CUDA device). The input is
-    ``short_edge x long_edge`` pixels after the model's resize."""
-    table = GPU_SECONDS_PER_MEGAPIXEL if device.startswith("cuda") else CPU_SECONDS_PER_MEGAPIXEL
-    mp = short_edge * long_edge / 1e6
-    return float(iterations) * batch_size * mp * table["frozen" if frozen_body else "trainable"]
-
-
 def default_output_path(folder: str | Path = "~/napari-sartorius", stem: str = "finetuned") -> Path:
     """``<folder>/<stem>.pt``, or ``<stem>_2.pt``, ``_3``, ... : the first name not taken yet."""
     folder = Path(folder).expanduser()
@@ -138,7 +97,7 @@ def _format_seconds(sec: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class FineTuneWidget(Container):
+class FineTuneWidget(PairPickerMixin, Container):
     """Dock widget: corrected image/labels layers -> fine-tuned Mask R-CNN -> Segment cells ensemble.
 
     Scripted use (what the tests do): fill :attr:`pairs` (``add_pair(image, labels, cell_type)``;
@@ -370,133 +329,6 @@ class FineTuneWidget(Container):
         sec = self.estimated_seconds()
         dev = "a GPU" if str(self.device.value).startswith("cuda") else "this kind of CPU"
         self.estimate.value = f"Estimated time: about {_format_seconds(sec)} on {dev} ({int(self.iterations.value)} iterations)"
-
-    # -- layer pickers ----------------------------------------------------------------------
-    def _image_choices(self, *_):
-        import napari.layers
-
-        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Image)]
-
-    def _labels_choices(self, *_):
-        import napari.layers
-
-        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Labels)]
-
-    def matching_labels(self, image_layer):
-        """The Labels layer that most likely holds ``image_layer``'s cells, or None.
-
-        Among the Labels layers of the same (spatial) shape, prefer the one the user corrected on this
-        image (the Segment dock records it in the viewer's store), then one whose ``metadata["image"]``
-        names the image (the Segment dock writes that), then one whose name starts with the image's,
-        then the top-most one.
-        """
-        shape = spatial_shape(image_layer)
-        same = [lay for _, lay in self._labels_choices() if tuple(lay.data.shape) == shape]
-        if not same:
-            return None
-        corrected = store_for(self._viewer).edited_labels(image_layer.name, self._viewer.layers)
-        if corrected is not None and corrected in same:
-            return corrected
-        for lay in reversed(same):
-            if (lay.metadata or {}).get("image") == image_layer.name:
-                return lay
-        for lay in reversed(same):
-            if lay.name.startswith(image_layer.name):
-                return lay
-        return same[-1]
-
-    def _image_for_labels(self, labels_layer):
-        md = labels_layer.metadata or {}
-        for name, lay in reversed(self._image_choices()):
-            if md.get("image") == name:
-                return lay
-        shape = tuple(labels_layer.data.shape)
-        for _, lay in reversed(self._image_choices()):
-            if spatial_shape(lay) == shape:
-                return lay
-        return None
-
-    def _refresh_choices(self, *_):
-        for row in self.pair_rows:
-            row.reset_choices()
-        self.validation.reset_choices()
-
-    # -- pairs ------------------------------------------------------------------------------
-    @property
-    def pair_rows(self) -> list[PairRow]:
-        return list(self.pairs)
-
-    def add_pair(self, image_layer=None, labels_layer=None, cell_type: str | None = None) -> PairRow:
-        """Add a training row (optionally filled in) and return it."""
-        row = PairRow(self)
-        self.pairs.append(row)
-        if image_layer is not None:
-            row.set_pair(image_layer, labels_layer, cell_type)
-        return row
-
-    def remove_pair(self, row: PairRow) -> None:
-        self.pairs.remove(row)
-
-    def set_validation(self, image_layer, labels_layer=None, cell_type: str | None = None) -> None:
-        """Choose the validation pair (``None`` image: no validation)."""
-        if image_layer is None:
-            self.validation.image_layer.value = None
-            self.validation.labels_layer.value = None
-            return
-        self.validation.set_pair(image_layer, labels_layer, cell_type)
-
-    def _check_row(self, row: PairRow, what: str) -> PairChoice:
-        image, labels = row.image_layer.value, row.labels_layer.value
-        if labels is None:
-            if not self._labels_choices():
-                raise ValueError(
-                    "no Labels layer is open: segment the image (Segment cells) or paint labels first"
-                )
-            raise ValueError(f"{what}: choose the labels layer drawn on image '{image.name}'")
-        ishape, lshape = spatial_shape(image), tuple(labels.data.shape)
-        if ishape != lshape:
-            raise ValueError(
-                f"{what}: labels '{labels.name}' are {'x'.join(map(str, lshape))} but image '{image.name}' is "
-                f"{'x'.join(map(str, ishape))}: pick the labels drawn on this image"
-            )
-        if len(ishape) < 2:
-            raise ValueError(f"{what}: image '{image.name}' has shape {ishape}: need height and width")
-        lab = layer_array(labels)
-        if not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"{what}: labels '{labels.name}' must hold integer cell ids, not {lab.dtype}")
-        n_cells = int(np.count_nonzero(np.unique(lab)))
-        planes = planes_of(layer_array(image), lab, bool(getattr(image, "rgb", False)))
-        return PairChoice(image.name, labels.name, str(row.cell_type.value), planes, n_cells)
-
-    def checked_pairs(self) -> tuple[list[PairChoice], PairChoice | None]:
-        """The training pairs and the validation pair (or None), checked.
-
-        Raises:
-            ValueError: no pair, a pair without labels, labels of another shape than their image,
-                no labelled cell at all (the message says what to do).
-        """
-        rows = [r for r in self.pair_rows if r.image_layer.value is not None]
-        if not rows:
-            if not self._image_choices():
-                raise ValueError("no image layer is open: open an image and its labels first")
-            raise ValueError("choose at least one image/labels pair to train on (Add pair)")
-        train = [self._check_row(r, f"pair {i + 1}") for i, r in enumerate(rows)]
-        if sum(p.n_cells for p in train) == 0:
-            raise ValueError("the chosen labels hold no cell: paint or segment some cells first")
-        seen = set()
-        for p in train:
-            key = (p.image_name, p.labels_name)
-            if key in seen:
-                raise ValueError(f"the pair '{p.image_name}' / '{p.labels_name}' is chosen twice")
-            seen.add(key)
-        val = None
-        if self.validation.image_layer.value is not None:
-            val = self._check_row(self.validation, "validation pair")
-            if val.n_cells == 0:
-                raise ValueError(f"the validation labels '{val.labels_name}' hold no cell")
-            if (val.image_name, val.labels_name) in seen:
-                raise ValueError("the validation pair is also a training pair: pick another one, or none")
-        return train, val
 
     # -- settings ---------------------------------------------------------------------------
     def train_settings(self, out: Path, validating: bool) -> TrainSettings:
