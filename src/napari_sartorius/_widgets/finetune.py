@@ -77,6 +77,27 @@ AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
     "saturation": (_AUG_DEFAULTS["saturation"], 0.95, 0.05, "Saturation"),
     "lighting": (_AUG_DEFAULTS["lighting"], 1.0, 0.05, "Lighting (PCA)"),
 }
+def _scroll_area(parent: Container, child: Container):
+    """Move ``child`` (a widget of ``parent``) into a vertical scroll area in its place: napari docks a
+    container's inner widget, so magicgui's own ``scrollable`` would be lost, and without one the
+    dock grows a 768-px window past the screen. The run controls above it stay in view."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
+
+    layout = parent.native.layout()
+    index = layout.indexOf(child.native)
+    layout.removeWidget(child.native)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setWidget(child.native)
+    scroll.setMinimumHeight(100)
+    scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+    layout.insertWidget(index, scroll, 1)
+    return scroll
+
+
 def default_output_path(folder: str | Path = "~/napari-sartorius", stem: str = "finetuned") -> Path:
     """``<folder>/<stem>.pt``, or ``<stem>_2.pt``, ``_3``, ... : the first name not taken yet."""
     folder = Path(folder).expanduser()
@@ -199,7 +220,7 @@ class FineTuneWidget(PairPickerMixin, Container):
         self.run_button = PushButton(text="Fine-tune")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.add_to_segment_button = PushButton(
-            text="Use in Segment cells", enabled=False,
+            text="Add to ensemble", enabled=False,
             tooltip="add the last checkpoint to the Segment cells dock's ensemble",
         )
         run_box = Container(
@@ -216,21 +237,8 @@ class FineTuneWidget(PairPickerMixin, Container):
         plot_box.margins = (0, 0, 0, 0)
         plot_box.native.layout().addWidget(self.loss_plot)
 
-        super().__init__(
-            scrollable=True,  # a 768-px screen: the settings scroll, the run controls come first
+        self.settings_box = Container(
             widgets=[
-                Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
-                self.pairs,
-                self.add_pair_button,
-                self.preset,
-                self.estimate,
-                Label(value="<b>Run</b>"),
-                self.output,
-                run_box,
-                self.progress,
-                self.status,
-                self.validation_score,
-                plot_box,
                 Label(value="<b>Validation pair</b> (optional)"),
                 self.validation,
                 self.clean_masks,
@@ -254,6 +262,26 @@ class FineTuneWidget(PairPickerMixin, Container):
                 *self.aug_strengths.values(),
             ],
         )
+        self.settings_box.margins = (0, 0, 0, 0)
+        super().__init__(
+            widgets=[
+                Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
+                self.pairs,
+                self.add_pair_button,
+                self.preset,
+                self.estimate,
+                Label(value="<b>Run</b>"),
+                self.output,
+                run_box,
+                self.progress,
+                self.status,
+                self.validation_score,
+                plot_box,
+                Label(value="<b>Settings</b> (scroll)"),
+                self.settings_box,
+            ],
+        )
+        self.settings_scroll = _scroll_area(self, self.settings_box)
         self._applying_preset = False
         self.apply_preset("quick")
         self.preset.changed.connect(lambda v: self.apply_preset(v))
