@@ -79,13 +79,15 @@ def main(argv=None) -> int:
             iters=args.base_iters, lr=0.01, batch_size=2, device="cpu", out=str(base), checkpoint_period=0,
             augment=AugmentationSettings(crop=False, resize=False, rot90=False))))
         print(f"base model: {args.base_iters} iterations on 8 synthetic cort images in {time.perf_counter() - t0:.0f} s, "
-              f"loss {res.losses[0]:.3f} -> {statistics.mean(res.losses[-10:]):.3f}")
+              f"loss {res.losses[0]:.3f} -> {statistics.mean(res.losses[-10:]):.3f}", flush=True)
         corrected = shifted(2, 100, args.shift_scale)
         held_out = shifted(args.held_out, 200, args.shift_scale)
         before = score(base, held_out)
+        print(f"held-out score of the base model: {before:.4f}", flush=True)
 
         settings = TrainSettings(
             iters=args.iters, lr=q["learning_rate"], batch_size=q["batch_size"], warmup_iters=100, device="cpu",
+            resume=False,  # a new run from the base weights, as the dock does by default
             out=str(Path(tmp) / "quick.pt"), checkpoint_period=0, freeze_at=q["freeze"],
             augment=AugmentationSettings(resize=True, short_edges=(q["train_size"],), max_size=2 * q["train_size"]),
         )
@@ -102,8 +104,8 @@ def main(argv=None) -> int:
             if p.losses:
                 stamps.append(time.perf_counter())
         wall = time.perf_counter() - t0
-        if outcome.error:
-            print(f"fine-tuning failed: {outcome.error}")
+        if outcome.error or len(stamps) < 2:
+            print(f"fine-tuning failed: {outcome.error or outcome.messages}")
             return 1
         per_iter = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         after = score(outcome.checkpoint_path, held_out)
