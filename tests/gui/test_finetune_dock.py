@@ -1,5 +1,5 @@
-"""The "Fine-tune" dock in a real viewer (run under xvfb-run): training from layers into the Segment dock's
-ensemble, cancel, bad input refused before anything starts, errors as notifications."""
+"""The "Fine-tune" dock in a real viewer (run under xvfb-run): training from layers into the viewer's
+ensemble, cancel, bad input refused before anything starts, every failure ends the run with a message."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_sartorius._widgets.finetune import (
-    AUG_STRENGTHS,
-    AUG_SWITCHES,
-    FineTuneWidget,
-    default_output_path,
-    find_segment_docks,
-)
+from napari_sartorius._widgets.finetune import FineTuneWidget, default_output_path
 from napari_sartorius._widgets.segment import SegmentCellsWidget
 from napari_sartorius.synthetic import make_sample
 
@@ -72,6 +66,7 @@ def viewer(make_napari_viewer):
 def _dock(viewer, tmp_path, start=None, iterations=3):
     dock = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Fine-tune")
+    dock.apply_preset("full")  # whole images at the model's own (tiny) sizes
     if start is not None:
         dock.start_checkpoint.value = start
     dock.iterations.value = iterations
@@ -84,20 +79,6 @@ def _dock(viewer, tmp_path, start=None, iterations=3):
 
 def _wait(qtbot, dock):
     qtbot.waitUntil(lambda: not dock.is_running, timeout=WAIT_MS)
-
-
-def test_augmentation_controls_mirror_the_settings():
-    """The dock names the augmentations without importing torch; they must match the real dataclass."""
-    from napari_sartorius._widgets._torch_import import guard_torch_import
-
-    guard_torch_import()  # torch in a process with an OpenGL context: never without the guard
-    from napari_sartorius.training.augment import AugmentationSettings
-
-    defaults = {f.name: f.default for f in dataclasses.fields(AugmentationSettings)}
-    for name, value in AUG_SWITCHES.items():
-        assert defaults[name] == value, name
-    for name, (value, *_rest) in AUG_STRENGTHS.items():
-        assert defaults[name] == value, name
 
 
 def test_defaults_pick_the_selected_image_and_its_labels(viewer, tmp_path):
@@ -122,27 +103,38 @@ def test_defaults_pick_the_selected_image_and_its_labels(viewer, tmp_path):
 
 
 def test_controls_map_onto_the_training_settings(viewer, tmp_path):
-    from napari_sartorius._widgets._torch_import import guard_torch_import
-
-    guard_torch_import()  # run alone this test is the first to import torch: the guard comes first
-    from napari_sartorius.training.augment import AugmentationSettings
-    from napari_sartorius.training.trainer import TrainSettings
+    from napari_sartorius.training.settings import warmup_length
 
     dock = _dock(viewer, tmp_path, iterations=40)
-    kw, aug = dock.train_settings(tmp_path / "m.pt", validating=False)
-    assert "freeze_at" not in kw and kw["eval_period"] == 0 and kw["warmup_iters"] == 4
-    assert "short_edges" not in aug  # training size 0: the model's own sizes
+    s = dock.train_settings(tmp_path / "m.pt", validating=False)
+    assert s.freeze_at is None and s.eval_period == 0 and warmup_length(s) == 8
+    assert s.augment.short_edges is None  # training size 0: the model's own sizes
     dock.train_size.value = 128
     dock.freeze.value = 2
     dock.aug_strengths["brightness"].value = 0.3
-    kw, aug = dock.train_settings(tmp_path / "m.pt", validating=True)
-    assert kw["freeze_at"] == 2 and kw["eval_period"] == dock.eval_period.value
-    assert aug["short_edges"] == (102, 115, 128, 141, 154) and aug["brightness"] == 0.3
-    settings = TrainSettings(**kw, augment=AugmentationSettings(**aug))
-    assert settings.out == str(tmp_path / "m.pt") and settings.augment.resize
+    s = dock.train_settings(tmp_path / "m.pt", validating=True)
+    assert s.freeze_at == 2 and s.eval_period == dock.eval_period.value
+    assert s.augment.short_edges == (96, 128, 160) and s.augment.brightness == 0.3  # multiples of 32
+    assert s.out == str(tmp_path / "m.pt") and s.augment.resize
     dock.aug_switches["resize"].value = False  # a single scale: exactly the training size
-    _, aug = dock.train_settings(tmp_path / "m.pt", validating=False)
-    assert aug["short_edges"] == (128,) and aug["resize"]
+    s = dock.train_settings(tmp_path / "m.pt", validating=False)
+    assert s.augment.short_edges == (128,) and s.augment.resize
+
+
+def test_presets_set_the_controls_and_show_an_estimate(viewer, tmp_path):
+    dock = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Fine-tune")
+    assert dock.preset.value == "quick"
+    assert dock.freeze.value == 5 and dock.crop_cells.value == 256 and dock.train_size.value == 384
+    quick = dock.estimated_seconds()
+    assert dock.estimate.value.startswith("Estimated time: about")
+    dock.apply_preset("full")
+    assert dock.freeze.value == -1 and dock.crop_cells.value == 0 and dock.iterations.value == 300
+    assert dock.estimated_seconds() > 10 * quick  # whole model, whole upscaled images, more iterations
+    dock.iterations.value = 10  # leaving the preset's values makes it "Custom"
+    assert dock.preset.value == "custom"
+    dock.device.value = "cuda"
+    assert "a GPU" in dock.estimate.value
 
 
 def test_stacks_give_one_pair_per_plane(make_napari_viewer, tmp_path):
@@ -161,7 +153,6 @@ def test_stacks_give_one_pair_per_plane(make_napari_viewer, tmp_path):
 
 def test_train_from_layers_and_join_the_segment_dock(qtbot, viewer, tmp_path, tiny_checkpoint):
     _, segment = viewer.window.add_plugin_dock_widget("napari-sartorius", "Segment cells")
-    assert find_segment_docks(viewer) == [segment]
     dock = _dock(viewer, tmp_path, start=tiny_checkpoint, iterations=3)
     dock.set_validation(viewer.layers["held out"], viewer.layers["held out labels"], "cort")
     dock.eval_period.value = 0  # validate once, at the end
@@ -200,17 +191,17 @@ def test_train_from_layers_and_join_the_segment_dock(qtbot, viewer, tmp_path, ti
     assert segment.last_error is None, segment.last_error
 
 
-def test_opens_a_segment_dock_when_none_is_open(viewer, tmp_path, tiny_checkpoint):
+def test_a_model_joins_the_viewers_ensemble_even_before_the_segment_dock_opens(viewer, tmp_path, tiny_checkpoint):
     dock = _dock(viewer, tmp_path)
-    assert find_segment_docks(viewer) == []
     (entry,) = dock.add_to_segment(tiny_checkpoint)
-    (segment,) = find_segment_docks(viewer)
+    _, segment = viewer.window.add_plugin_dock_widget("napari-sartorius", "Segment cells")
     assert isinstance(segment, SegmentCellsWidget) and entry in segment.models.entries
     # adding the same file again replaces the entry (new weights load on the next run), weight kept
     segment.models.set_weight(entry, 2.5)
     (again,) = dock.add_to_segment(tiny_checkpoint)
     assert [e.path for e in segment.models.entries].count(entry.path) == 1
-    assert again.weight == 2.5
+    assert again in segment.models.entries and again.weight == 2.5
+    assert len(segment.models._rows) == len(segment.models.entries)  # one row per member
 
 
 def test_cancel_keeps_the_checkpoint_reached(qtbot, viewer, tmp_path, tiny_checkpoint):
@@ -278,6 +269,39 @@ def test_training_errors_become_notifications(qtbot, viewer, tmp_path, errors):
     assert dock.run_button.enabled
 
 
+@pytest.mark.parametrize(
+    "failure, expected",
+    [
+        ("training", "the loss became nan at iteration 2"),
+        ("memory", "out of memory: lower the batch size"),
+        ("vanished", "No such file"),
+        ("bug", "IndexError: pop from empty list (an unexpected error"),
+    ],
+)
+def test_every_worker_failure_ends_the_run_with_a_message(qtbot, viewer, tmp_path, errors, monkeypatch, failure, expected):
+    """A RuntimeError escaping a napari generator worker never signals "finished": the dock hung."""
+    import napari_sartorius.training.trainer as trainer
+    from napari_sartorius.training.settings import TrainingError, TrainProgress
+
+    def failing_train(begin, data, settings, val_data=None, stop=None):
+        yield TrainProgress(1, settings.iters, {"total": 2.0}, 0.01, 14.0)
+        if failure == "training":
+            raise TrainingError("the loss became nan at iteration 2 (loss_mask nan): lower the learning rate")
+        if failure == "memory":
+            raise MemoryError()
+        if failure == "vanished":
+            open(tmp_path / "vanished.png", "rb")
+        [].pop()
+
+    monkeypatch.setattr(trainer, "train", failing_train)
+    dock = _dock(viewer, tmp_path, iterations=3)
+    assert dock.run() is not None
+    _wait(qtbot, dock)
+    assert expected in dock.last_error and expected in errors[-1]
+    assert dock.status.value.startswith("Fine-tune failed") and "left" not in dock.status.value
+    assert dock.run_button.enabled and not dock.cancel_button.enabled and not dock.is_running
+
+
 def test_loss_plot_scale_and_decimation(qtbot):
     from napari_sartorius._widgets._loss_plot import LossPlot, decimate, loss_range
 
@@ -300,5 +324,12 @@ def test_loss_plot_scale_and_decimation(qtbot):
     plot.add_score(3, 0.4)
     assert [v for _, v in plot.losses] == [3.0, 2.5, 2.0]
     assert plot.smoothed[-1][1] < 3.0 and plot.scores == [(3.0, 0.4)]
-    plot.resize(300, 120)
+    plot.resize(300, 160)
+    assert not plot.grab().isNull()
+    assert plot.minimumHeight() >= 150
+    from napari_sartorius._widgets._loss_plot import use_log_scale
+
+    assert not use_log_scale([3.0, 2.5, 2.0])
+    assert use_log_scale([3.0, 2.9e9, 1.5])  # a blow-up must not flatten the rest of the curve
+    plot.add_loss(4, 7.9e9)
     assert not plot.grab().isNull()

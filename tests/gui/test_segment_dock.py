@@ -265,8 +265,13 @@ def test_edits_are_never_overwritten(qtbot, viewer_and_dock):
     dock.mask_threshold.value = 0.7
     qtbot.waitUntil(lambda: dock.labels_layer is not edited, timeout=5000)
     assert np.array_equal(edited.data, snapshot), "the edited layer changed"
-    assert dock.labels_layer.name == "cells labels [1]"
+    assert dock.labels_layer.name == "cells labels (uncorrected)"  # named for what it is
     assert len([lay for lay in viewer.layers if lay.name.startswith("cells labels")]) == 2
+    # the viewer's store knows which layer the user corrected; Export keeps pointing at it
+    from napari_sartorius._widgets.ensemble_store import store_for
+
+    assert store_for(viewer).edited_labels("cells", viewer.layers) is edited
+    assert dock.export_layer.value is edited
     # the new layer is the dock's target now: further moves update it in place
     fresh = dock.labels_layer
     dock.mask_threshold.value = 0.6

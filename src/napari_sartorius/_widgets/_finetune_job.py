@@ -115,6 +115,10 @@ def _run(train_pairs, val_pairs, start, arch, settings, clean, stop, crop_size):
     from ..training.settings import TrainProgress
     from ..training.trainer import train
 
+    from ._pretrained import fetch_start
+
+    # a registry name (the "or pretrained" choice) becomes its cached checkpoint, downloaded once
+    start = yield from fetch_start(start, stop, lambda text: TrainProgress(0, settings.iters, message=text))
     yield TrainProgress(0, settings.iters, message="preparing the training data...")
     if crop_size:
         windows = []

@@ -1,8 +1,10 @@
 """A small live plot of the training loss (and validation score) drawn with QPainter.
 
 No plotting library: matplotlib is not a dependency, and a polyline over a few thousand points is
-cheap to paint. The loss uses the left axis (the span of the losses seen, see :func:`loss_range`); validation scores, which
-live in [0, 1], are dots on their own right-hand axis.
+cheap to paint. The loss uses the left axis (the span of the losses seen, see :func:`loss_range`), on a log scale
+when the losses span more than :data:`LOG_SPAN` (a start at 3 and a plateau at 0.3 both stay
+readable; see :func:`use_log_scale`); validation scores, which live in [0, 1], are dots on their own
+right-hand axis. The plot is at least :data:`MIN_HEIGHT` px tall.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-__all__ = ["LossPlot", "decimate", "loss_range"]
+__all__ = ["LossPlot", "decimate", "loss_range", "use_log_scale", "MIN_HEIGHT"]
 
 LOSS_COLOR = QColor(90, 160, 230)
 SMOOTH_COLOR = QColor(250, 170, 40)
 VAL_COLOR = QColor(110, 210, 110)
+#: The plot's minimum height in pixels.
+MIN_HEIGHT = 150
+#: A loss span (max / min) above which the axis is logarithmic.
+LOG_SPAN = 20.0
 #: Exponential moving average factor of the smoothed curve (weight of the newest point).
 SMOOTHING = 0.1
 
@@ -55,6 +61,11 @@ def loss_range(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def use_log_scale(values: list[float]) -> bool:
+    """Whether losses ``values`` are drawn on a log axis: all positive and spanning > :data:`LOG_SPAN`."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SPAN
+
+
 class LossPlot(QWidget):
     """Live training curve: raw total loss, its moving average, validation scores.
 
@@ -68,7 +79,7 @@ class LossPlot(QWidget):
         self.smoothed: list[tuple[float, float]] = []
         self.scores: list[tuple[float, float]] = []
         self.total_iterations = 0
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(MIN_HEIGHT)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.setToolTip("total training loss (blue), its moving average (orange), validation score (green, right axis)")
 
@@ -121,7 +132,16 @@ class LossPlot(QWidget):
             + [pt[0] for pt in self.losses[-1:]]
             + [pt[0] for pt in self.scores[-1:]]
         )
-        y_lo, y_hi = loss_range([v for _, v in self.losses])
+        values = [v for _, v in self.losses]
+        log = use_log_scale(values)
+        if log:  # plot log10 of the losses; the axis labels show the losses themselves
+            y_lo, y_hi = math.log10(min(values)) - 0.05, math.log10(max(values)) + 0.05
+        else:
+            y_lo, y_hi = loss_range(values)
+        fy = math.log10 if log else float
+
+        def label(v: float) -> str:
+            return f"{10 ** v:.3g}" if log else f"{v:.3g}"
 
         def to_px(x: float, y: float, lo: float, hi: float) -> QPointF:
             return QPointF(
@@ -131,23 +151,23 @@ class LossPlot(QWidget):
 
         # axis labels: loss range on the left, iterations at the bottom
         p.drawText(QRectF(0, area.top() - fm.height() / 2, left - 4, fm.height()),
-                   Qt.AlignmentFlag.AlignRight, f"{y_hi:.3g}")
+                   Qt.AlignmentFlag.AlignRight, label(y_hi))
         p.drawText(QRectF(0, area.bottom() - fm.height() / 2, left - 4, fm.height()),
-                   Qt.AlignmentFlag.AlignRight, f"{y_lo:.3g}")
+                   Qt.AlignmentFlag.AlignRight, label(y_lo))
         p.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), fm.height()),
                    Qt.AlignmentFlag.AlignRight, f"{int(x_max)} it.")
         if self.losses:
             p.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), fm.height()),
-                       Qt.AlignmentFlag.AlignLeft, f"loss {self.losses[-1][1]:.3f}")
+                       Qt.AlignmentFlag.AlignLeft, f"loss {self.losses[-1][1]:.3f}" + (" (log scale)" if log else ""))
         budget = max(8, int(area.width()) * 2)
         for pts, color, width in ((self.losses, LOSS_COLOR, 1.0), (self.smoothed, SMOOTH_COLOR, 2.0)):
             if len(pts) >= 2:
-                poly = QPolygonF([to_px(x, y, y_lo, y_hi) for x, y in decimate(pts, budget)])
+                poly = QPolygonF([to_px(x, fy(y), y_lo, y_hi) for x, y in decimate(pts, budget)])
                 p.setPen(QPen(color, width))
                 p.drawPolyline(poly)
             elif pts:
                 p.setPen(QPen(color, 3.0))
-                p.drawPoint(to_px(pts[0][0], pts[0][1], y_lo, y_hi))
+                p.drawPoint(to_px(pts[0][0], fy(pts[0][1]), y_lo, y_hi))
         if self.scores:
             p.setPen(QPen(VAL_COLOR, 1.5))
             p.setBrush(VAL_COLOR)

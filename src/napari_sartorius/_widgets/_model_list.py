@@ -2,78 +2,24 @@
 
 One row per model: an on/off box, its name, its weight in the ensemble and a remove button. The
 weight-free classical engine is always the first row and cannot be removed (it can be switched off).
-Checkpoint files are only remembered when added; they are loaded (which imports torch) the first time
+The members live in the viewer's :class:`~.ensemble_store.EnsembleStore` (the list observes it, so a
+model the Fine-tune dock adds shows up here). Checkpoint files are only remembered when added; they are loaded (which imports torch) the first time
 a run needs them, in the worker thread, and kept per device for later runs.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from magicgui.widgets import CheckBox, Container, FloatSpinBox, Label, PushButton
 
-__all__ = ["ModelEntry", "ModelList", "CLASSICAL_NAME"]
+from .ensemble_store import CLASSICAL_NAME, EnsembleStore, ModelEntry
 
-CLASSICAL_NAME = "classical (weight-free)"
+__all__ = ["ModelEntry", "ModelList", "CLASSICAL_NAME"]
 
 #: Checkpoint suffixes offered by the file dialog (the project's own, torchvision and detectron2 ones).
 CHECKPOINT_FILTER = "Checkpoints (*.pt *.pth *.ckpt *.pkl);;All files (*)"
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """One member of the ensemble.
-
-    Attributes:
-        name: shown in the list.
-        path: the checkpoint file, or None for the classical engine / an engine given as an object.
-        engine: an engine object given directly (tests, scripts); None means "build it on demand".
-        weight: the member's weight in the ensemble (> 0).
-        enabled: whether the next run uses it.
-    """
-
-    name: str
-    path: Path | None = None
-    engine: Any = None
-    weight: float = 1.0
-    enabled: bool = True
-    _cache: dict = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def is_classical(self) -> bool:
-        return self.path is None and self.engine is None
-
-    def get_engine(self, device: str = "auto"):
-        """The engine object for ``device`` (one of ``device.DEVICE_CHOICES``), loading it on first use.
-
-        Call it from a worker thread: loading a checkpoint imports torch and reads the file.
-
-        Raises:
-            ValueError / FileNotFoundError: from the checkpoint loader, naming the file.
-        """
-        if self.engine is not None:
-            return self.engine
-        key = "classical" if self.is_classical else device
-        with self._lock:
-            if key not in self._cache:
-                if self.is_classical:
-                    from ..classical import ClassicalEngine
-
-                    self._cache[key] = ClassicalEngine()
-                else:
-                    from ._torch_import import guard_torch_import
-
-                    guard_torch_import()
-                    from ..models.predictor import MaskRCNNEngine
-
-                    from ..models.model_files import resolve_model_file  # MMDetection files: imported once
-
-                    self._cache[key] = MaskRCNNEngine.from_checkpoint(resolve_model_file(self.path), device=device)
-            return self._cache[key]
 
 
 class _ModelRow(Container):
@@ -99,8 +45,8 @@ class ModelList(Container):
     :attr:`entries`, :meth:`selected`.
     """
 
-    def __init__(self):
-        self._entries: list[ModelEntry] = []
+    def __init__(self, store: EnsembleStore | None = None):
+        self._store = store if store is not None else EnsembleStore()
         self._rows = Container(labels=False)
         self._rows.margins = (0, 0, 0, 0)
         self.add_button = PushButton(text="Add checkpoint...", tooltip="add a Mask R-CNN checkpoint file")
@@ -115,7 +61,23 @@ class ModelList(Container):
         self.margins = (0, 0, 0, 0)
         self.add_button.changed.connect(self._on_add_clicked)
         self.pretrained_button.changed.connect(lambda *_: self.open_pretrained())
-        self._append(ModelEntry(CLASSICAL_NAME))
+        for entry in self._store.members:
+            self._rows.append(_ModelRow(entry, self._on_remove))
+        self._store.connect(self._on_store_event)
+
+    @property
+    def store(self) -> EnsembleStore:
+        return self._store
+
+    @property
+    def _entries(self) -> list[ModelEntry]:
+        return self._store.members
+
+    def _on_store_event(self, event: str, payload) -> None:
+        if event == "added":
+            self._rows.append(_ModelRow(payload, self._on_remove))
+        elif event == "removed":
+            self._rows.remove(self._rows[payload[0]])
 
     @property
     def entries(self) -> list[ModelEntry]:
@@ -153,13 +115,7 @@ class ModelList(Container):
         Raises:
             ValueError: no such entry, or it is the classical engine.
         """
-        entry = self._find(entry)
-        if entry.is_classical:
-            raise ValueError("the weight-free classical engine cannot be removed; switch it off instead")
-        k = self._entries.index(entry)
-        del self._entries[k]
-        row = self._rows[k]
-        self._rows.remove(row)
+        self._store.remove(self._find(entry))  # the store tells this list to drop the row
 
     def set_enabled(self, entry: ModelEntry | str, enabled: bool) -> None:
         """Switch an entry (or the entry of that name) on or off, as its check box does."""
@@ -182,9 +138,7 @@ class ModelList(Container):
         return matches[0]
 
     def _append(self, entry: ModelEntry) -> ModelEntry:
-        self._entries.append(entry)
-        self._rows.append(_ModelRow(entry, self._on_remove))
-        return entry
+        return self._store.add(entry)  # the store tells this list to add the row
 
     def _on_remove(self, entry: ModelEntry) -> None:
         self.remove(entry)

@@ -1,24 +1,30 @@
-"""The "Fine-tune" dock: train a Mask R-CNN on the image/labels layers the user corrected, then add it
-to the "Segment cells" dock's ensemble.
+"""The "Fine-tune" dock: train a Mask R-CNN on the image/labels layers the user corrected; the model
+then joins the viewer's ensemble (:mod:`.ensemble_store`), which the "Segment cells" dock shows.
 
 Threading and imports:
-    * Training runs :func:`napari_sartorius.training.trainer.train` (a generator) in a napari worker
-      thread (:func:`_finetune_job`); every yielded :class:`TrainProgress` moves the progress bar and
-      the live loss curve, Cancel sets the ``threading.Event`` the trainer polls between iterations
-      (the trainer then saves the state reached, atomically, and returns normally).
-    * This module imports neither torch nor the training code at import time (napari must start
-      without torch): they are imported inside the worker. The augmentation switches therefore
-      mirror :class:`~napari_sartorius.training.augment.AugmentationSettings` by name and default
-      here (:data:`AUG_SWITCHES`, :data:`AUG_STRENGTHS`); a test keeps them in step.
+    * Training runs :func:`._finetune_job.finetune_job` (a generator around
+      :func:`napari_sartorius.training.trainer.train`) in a napari worker thread; every yielded
+      :class:`TrainProgress` moves the progress bar and the live loss curve, Cancel sets the
+      ``threading.Event`` the trainer polls between iterations (the trainer then saves the state
+      reached, atomically, and returns normally). The job returns every failure as an outcome with
+      ``error`` set, so the dock always ends a run with a message and its buttons back.
+    * The settings come from :mod:`napari_sartorius.training.settings`, which imports no torch: the
+      dock builds and checks a :class:`TrainSettings` itself. torch is imported inside the worker.
+    * Presets: "Quick (CPU)" freezes the backbone body and trains the heads on windows around the
+      labelled cells at a small size, for a few dozen iterations (a CPU can run it while the user
+      waits); "Full (GPU)" trains whole images at the model's sizes. An estimate of the time is
+      shown before starting (:func:`estimate_seconds`).
 
 Input checks (shapes, missing labels, no pair) run in the GUI thread before anything starts and are
-shown as notifications; nothing is started then.
+shown as notifications; nothing is started then. The pair rows and layer pickers live in
+:mod:`._finetune_pairs`, the worker job in :mod:`._finetune_job`, the presets and the time estimate in
+:mod:`._finetune_presets`; what stays here (~560 lines) is the dock's controls and its run cycle.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +41,16 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ..cell_types import DEFAULT_CLASSES
+from ..device import DEVICE_CHOICES  # one list for the CLI and both docks (mps included)
 from ..models.config import ARCH_NAMES
+from ..training.settings import AugmentationSettings, TrainSettings, multiscale_sizes
+from ._finetune_job import FineTuneOutcome, finetune_job
+from ._finetune_presets import _AUG_LABELS, _AUG_TIPS, FREEZE_CHOICES, PRESET_CHOICES, PRESETS, estimate_seconds
+from ._finetune_pairs import PairChoice, PairPickerMixin, PairRow
 from ._loss_plot import LossPlot
 from ._model_list import CHECKPOINT_FILTER
-from ._pretrained import fetch_start, pretrained_choice
+from ._pretrained import pretrained_choice
+from .ensemble_store import store_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -48,44 +59,44 @@ __all__ = [
     "FineTuneWidget",
     "FineTuneOutcome",
     "PairChoice",
-    "find_segment_docks",
     "default_output_path",
+    "estimate_seconds",
+    "PRESETS",
     "AUG_SWITCHES",
     "AUG_STRENGTHS",
 ]
 
 DEFAULT_ARCH = "mask_rcnn_R_50_FPN"
-from ..device import DEVICE_CHOICES  # noqa: E402 - one list for the CLI and both docks (mps included)
-#: ``AugmentationSettings`` on/off fields shown as check boxes, with their defaults.
-AUG_SWITCHES: dict[str, bool] = {"crop": True, "resize": True, "hflip": True, "vflip": True, "rot90": True}
-#: ``AugmentationSettings`` strength fields (0 = off): default, maximum, step, label.
+_AUG_DEFAULTS = {f.name: f.default for f in fields(AugmentationSettings)}
+#: ``AugmentationSettings`` on/off fields shown as check boxes, with their defaults (from the dataclass).
+AUG_SWITCHES: dict[str, bool] = {k: _AUG_DEFAULTS[k] for k in ("crop", "resize", "hflip", "vflip", "rot90")}
+#: ``AugmentationSettings`` strength fields (0 = off): default (from the dataclass), maximum, step, label.
 AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
-    "rotation_degrees": (0.0, 180.0, 1.0, "Rotation (deg)"),
-    "brightness": (0.1, 0.95, 0.05, "Brightness"),
-    "contrast": (0.1, 0.95, 0.05, "Contrast"),
-    "saturation": (0.0, 0.95, 0.05, "Saturation"),
-    "lighting": (0.0, 1.0, 0.05, "Lighting (PCA)"),
+    "rotation_degrees": (_AUG_DEFAULTS["rotation_degrees"], 180.0, 1.0, "Rotation (deg)"),
+    "brightness": (_AUG_DEFAULTS["brightness"], 0.95, 0.05, "Brightness"),
+    "contrast": (_AUG_DEFAULTS["contrast"], 0.95, 0.05, "Contrast"),
+    "saturation": (_AUG_DEFAULTS["saturation"], 0.95, 0.05, "Saturation"),
+    "lighting": (_AUG_DEFAULTS["lighting"], 1.0, 0.05, "Lighting (PCA)"),
 }
-#: Short-edge factors of multi-scale training around a chosen training size.
-MULTISCALE = (0.8, 0.9, 1.0, 1.1, 1.2)
-_AUG_LABELS = {"crop": "Crop", "resize": "Multi-scale", "hflip": "Flip LR", "vflip": "Flip UD", "rot90": "Rot 90"}
-_AUG_TIPS = {
-    "crop": "random crop of each image (sides at least 'Crop at least' of the image's)",
-    "resize": "multi-scale training: a random short edge per image (see 'Training size')",
-    "hflip": "flip left-right with probability 0.5",
-    "vflip": "flip up-down with probability 0.5",
-    "rot90": "rotate by a random multiple of 90 degrees",
-}
-#: Frozen stages offered (detectron2's FREEZE_AT); -1 keeps the starting model's setting.
-FREEZE_CHOICES = [
-    ("as in the model", -1),
-    ("0: train everything", 0),
-    ("1: freeze the stem", 1),
-    ("2: stem + res2", 2),
-    ("3: stem + res2-3", 3),
-    ("4: stem + res2-4", 4),
-    ("5: whole backbone body", 5),
-]
+def _scroll_area(parent: Container, child: Container):
+    """Move ``child`` (a widget of ``parent``) into a vertical scroll area in its place: napari docks a
+    container's inner widget, so magicgui's own ``scrollable`` would be lost, and without one the
+    dock grows a 768-px window past the screen. The run controls above it stay in view."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
+
+    layout = parent.native.layout()
+    index = layout.indexOf(child.native)
+    layout.removeWidget(child.native)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setWidget(child.native)
+    scroll.setMinimumHeight(100)
+    scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+    layout.insertWidget(index, scroll, 1)
+    return scroll
 
 
 def default_output_path(folder: str | Path = "~/napari-sartorius", stem: str = "finetuned") -> Path:
@@ -99,166 +110,6 @@ def default_output_path(folder: str | Path = "~/napari-sartorius", stem: str = "
     return path
 
 
-def find_segment_docks(viewer) -> list:
-    """The "Segment cells" docks (:class:`SegmentCellsWidget`) open in ``viewer``'s window, in dock order.
-
-    Reads ``viewer.window.dock_widgets`` (napari >= 0.6.2: name -> inner widget, magicgui containers
-    as themselves); older napari keeps the ``QDockWidget`` wrappers in ``window._dock_widgets``.
-    A Qt widget made by magicgui is mapped back to its magicgui object through ``_magic_widget``.
-    """
-    from .segment import SegmentCellsWidget
-
-    window = getattr(viewer, "window", None)
-    if window is None:
-        return []
-    try:
-        widgets = list(window.dock_widgets.values())
-    except AttributeError:  # napari < 0.6.2
-        wrapped = getattr(window, "_wrapped_dock_widgets", None) or getattr(window, "_dock_widgets", {})
-        widgets = [dw.widget() for dw in wrapped.values()]
-    out = []
-    for w in widgets:
-        w = getattr(w, "_magic_widget", w)
-        if isinstance(w, SegmentCellsWidget) and all(w is not o for o in out):
-            out.append(w)
-    return out
-
-
-# -- layer data helpers (GUI thread, numpy only) -------------------------------------------------
-
-
-def _layer_array(layer) -> np.ndarray:
-    data = layer.data
-    if getattr(layer, "multiscale", False):
-        data = data[0]
-    return np.asarray(data)
-
-
-def _spatial_shape(layer) -> tuple[int, ...]:
-    """The layer's shape without a trailing colour axis (RGB/RGBA images)."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    shape = tuple(data.shape)
-    return shape[:-1] if getattr(layer, "rgb", False) else shape
-
-
-def _planes(image: np.ndarray, labels: np.ndarray, rgb: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split ``(..., H, W[, C])`` image / ``(..., H, W)`` labels into 2-D pairs (copies).
-
-    Each plane is converted to uint8 on its own, with the rules of
-    :func:`napari_sartorius.io.images.to_uint8_gray`, as the Segment cells dock converts the planes it
-    segments: a model is trained on the pixel values it will later be given.
-    """
-    from ..io.images import to_uint8_gray
-
-    if rgb:
-        image = image[..., :3]
-    tail = image.shape[-3:] if rgb else image.shape[-2:]
-    ims = image.reshape((-1,) + tail)
-    labs = labels.reshape((-1,) + labels.shape[-2:])
-    out = []
-    for i in range(ims.shape[0]):
-        im = ims[i]
-        im = np.array(im) if im.dtype == np.uint8 else to_uint8_gray(im, "image layer")
-        out.append((im, np.array(labs[i])))
-    return out
-
-
-@dataclass
-class PairChoice:
-    """One chosen image/labels pair, checked: layers, cell type, and the 2-D planes it yields."""
-
-    image_name: str
-    labels_name: str
-    cell_type: str
-    planes: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)
-    n_cells: int = 0
-
-
-@dataclass
-class FineTuneOutcome:
-    """What a finished worker hands back to the GUI thread (the model itself stays behind).
-
-    Attributes:
-        cancelled: the run was stopped by Cancel.
-        iterations: optimizer steps done.
-        total: iterations asked for.
-        checkpoint_path: the last checkpoint written (None when nothing was saved).
-        best_path: the best checkpoint by validation score (None without validation).
-        best_score: its competition score.
-        final_loss: the last iteration's total loss (None when no iteration ran).
-        messages: every message of the run, in order.
-    """
-
-    cancelled: bool
-    iterations: int
-    total: int
-    checkpoint_path: Path | None
-    best_path: Path | None = None
-    best_score: float | None = None
-    final_loss: float | None = None
-    messages: list[str] = field(default_factory=list)
-
-    @property
-    def model_path(self) -> Path | None:
-        """The checkpoint to use: the best by validation score when there is one, else the last."""
-        return self.best_path or self.checkpoint_path
-
-
-def _finetune_job(train_pairs, val_pairs, start, arch: str, settings_kw: dict, aug_kw: dict, clean: bool,
-                  stop: threading.Event):
-    """Worker generator: build the datasets, run the trainer, return a :class:`FineTuneOutcome`.
-
-    Args:
-        train_pairs, val_pairs: lists of ``(name, cell type, image uint8 (H, W[, 3]), labels (H, W))``
-            (``val_pairs`` may be empty).
-        start: the starting checkpoint file, or None for a fresh model of ``arch``.
-        settings_kw, aug_kw: keyword arguments of ``TrainSettings`` / ``AugmentationSettings``.
-        stop: set by Cancel; the trainer stops between iterations and saves what it reached.
-
-    Yields :class:`~napari_sartorius.training.trainer.TrainProgress`. Touches no Qt object.
-    """
-    from ._torch_import import guard_torch_import
-
-    guard_torch_import()  # the training modules import torch; see _torch_import
-    from ..models.config import ModelConfig
-    from ..training.augment import AugmentationSettings
-    from ..training.data import dataset_from_pairs
-    from ..training.trainer import TrainProgress, TrainSettings, train
-
-    settings = TrainSettings(**settings_kw, augment=AugmentationSettings(**aug_kw))
-    # a registry name (the "or pretrained" choice) becomes its cached checkpoint, downloaded once
-    start = yield from fetch_start(start, stop, lambda text: TrainProgress(0, settings.iters, message=text))
-    yield TrainProgress(0, settings.iters, message="preparing the training data...")
-
-    def dataset(pairs):
-        return dataset_from_pairs(
-            [(im, lab) for _, _, im, lab in pairs],
-            [ct for _, ct, _, _ in pairs],
-            names=[name for name, _, _, _ in pairs],
-            clean=clean,
-        )
-
-    data = dataset(train_pairs)
-    val_data = dataset(val_pairs) if val_pairs else None
-    where = f"from {start}" if start is not None else f"from a fresh {arch} (random weights)"
-    yield TrainProgress(0, settings.iters, message=f"training on {data.describe()} {where}")
-    begin = str(start) if start is not None else ModelConfig(arch)
-    gen = train(begin, data, settings, val_data, stop)
-    result = yield from gen
-    outcome = FineTuneOutcome(
-        cancelled=bool(result.cancelled),
-        iterations=int(result.iterations),
-        total=settings.iters,
-        checkpoint_path=Path(result.checkpoint_path) if result.checkpoint_path else None,
-        best_path=Path(result.best_path) if result.best_path else None,
-        best_score=result.best_score,
-        final_loss=float(result.history[-1]["total"]) if result.history else None,
-        messages=list(result.messages),
-    )
-    del result  # the trained network is not needed in the GUI thread: it is in the checkpoint
-    return outcome
-
-
 def _format_seconds(sec: float | None) -> str:
     if sec is None or not np.isfinite(sec):
         return "?"
@@ -268,76 +119,7 @@ def _format_seconds(sec: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _narrow(combo: ComboBox, chars: int) -> None:
-    """Let a combo box shrink to about ``chars`` characters (long layer names would widen the dock)."""
-    from qtpy.QtWidgets import QComboBox
-
-    native = combo.native
-    native.setMinimumContentsLength(chars)
-    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-
-
-class _PairRow(Container):
-    """One row: image layer, labels layer, cell type (and a remove button for training rows)."""
-
-    def __init__(self, dock: FineTuneWidget, removable: bool = True):
-        self._dock = dock
-        self.image_layer = ComboBox(choices=dock._image_choices, nullable=True, tooltip="image layer")
-        self.labels_layer = ComboBox(choices=dock._labels_choices, nullable=True, tooltip="its labels (one id per cell)")
-        self.cell_type = ComboBox(choices=DEFAULT_CLASSES, value=DEFAULT_CLASSES[0], tooltip="cell type of this image")
-        widgets = [self.image_layer, self.labels_layer, self.cell_type]
-        self.remove_button = None
-        if removable:
-            self.remove_button = PushButton(text="\u2715", tooltip="remove this pair")
-            self.remove_button.native.setFixedWidth(28)
-            widgets.append(self.remove_button)
-        super().__init__(layout="horizontal", labels=False, widgets=widgets)
-        self.margins = (0, 0, 0, 0)
-        _narrow(self.image_layer, 8)
-        _narrow(self.labels_layer, 8)
-        _narrow(self.cell_type, 5)
-        self.image_layer.changed.connect(self._on_image_changed)
-        self.labels_layer.changed.connect(self._on_labels_changed)
-        if self.remove_button is not None:
-            self.remove_button.changed.connect(lambda *_: dock.remove_pair(self))
-
-    def set_pair(self, image_layer, labels_layer=None, cell_type: str | None = None) -> None:
-        """Choose the layers (labels: the best match when None) and the cell type (guessed when None)."""
-        self.image_layer.value = image_layer
-        if labels_layer is not None:
-            self.labels_layer.value = labels_layer
-        if cell_type is not None:
-            self.cell_type.value = cell_type
-
-    def reset_choices(self, *_):
-        image, labels = self.image_layer.value, self.labels_layer.value
-        super().reset_choices()
-        layers = self._dock._viewer.layers
-        if image is not None and image not in layers:
-            self.image_layer.value = None
-        if labels is not None and labels not in layers:
-            self.labels_layer.value = None
-
-    def _on_image_changed(self, layer) -> None:
-        if layer is None:
-            return
-        match = self._dock.matching_labels(layer)
-        if match is not None:
-            self.labels_layer.value = match
-        self._guess_cell_type()
-
-    def _on_labels_changed(self, layer) -> None:
-        self._guess_cell_type()
-
-    def _guess_cell_type(self) -> None:
-        for layer in (self.labels_layer.value, self.image_layer.value):
-            ct = (getattr(layer, "metadata", None) or {}).get("cell_type")
-            if ct in DEFAULT_CLASSES:
-                self.cell_type.value = ct
-                return
-
-
-class FineTuneWidget(Container):
+class FineTuneWidget(PairPickerMixin, Container):
     """Dock widget: corrected image/labels layers -> fine-tuned Mask R-CNN -> Segment cells ensemble.
 
     Scripted use (what the tests do): fill :attr:`pairs` (``add_pair(image, labels, cell_type)``;
@@ -367,7 +149,7 @@ class FineTuneWidget(Container):
         self.pairs = Container(labels=False)
         self.pairs.margins = (0, 0, 0, 0)
         self.add_pair_button = PushButton(text="Add pair", tooltip="train on one more image/labels pair")
-        self.validation = _PairRow(self, removable=False)
+        self.validation = PairRow(self, removable=False)
         self.validation.tooltip = "optional: an image/labels pair kept out of training and scored with the competition metric"
         self.clean_masks = CheckBox(
             text="Clean masks", value=False,
@@ -390,6 +172,17 @@ class FineTuneWidget(Container):
         )
 
         # -- optimisation ------------------------------------------------------------------
+        self.preset = ComboBox(
+            label="Preset", choices=PRESET_CHOICES, value="quick",
+            tooltip="Quick: a CPU run while you wait (frozen body, heads on crops around the cells, small size); "
+            "Full: the whole model on whole images (for a GPU); Custom: your own settings below",
+        )
+        self.estimate = Label(value="")
+        self.estimate.native.setWordWrap(True)
+        self.crop_cells = SpinBox(
+            label="Crop around cells (px)", value=0, min=0, max=4096, step=32,
+            tooltip="train on windows of this side around the labelled cells instead of whole images (0: off)",
+        )
         self.iterations = SpinBox(label="Iterations", value=300, min=1, max=1_000_000, step=50)
         self.learning_rate = FloatSpinBox(label="Learning rate", value=0.0025, min=1e-6, max=1.0, step=0.0005)
         self.learning_rate.native.setDecimals(6)
@@ -429,7 +222,7 @@ class FineTuneWidget(Container):
         self.run_button = PushButton(text="Fine-tune")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.add_to_segment_button = PushButton(
-            text="Use in Segment cells", enabled=False,
+            text="Add to ensemble", enabled=False,
             tooltip="add the last checkpoint to the Segment cells dock's ensemble",
         )
         run_box = Container(
@@ -446,12 +239,8 @@ class FineTuneWidget(Container):
         plot_box.margins = (0, 0, 0, 0)
         plot_box.native.layout().addWidget(self.loss_plot)
 
-        super().__init__(
-            scrollable=False,
+        self.settings_box = Container(
             widgets=[
-                Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
-                self.pairs,
-                self.add_pair_button,
                 Label(value="<b>Validation pair</b> (optional)"),
                 self.validation,
                 self.clean_masks,
@@ -465,6 +254,7 @@ class FineTuneWidget(Container):
                 self.learning_rate,
                 self.batch_size,
                 self.train_size,
+                self.crop_cells,
                 self.freeze,
                 self.device,
                 self.eval_period,
@@ -473,6 +263,16 @@ class FineTuneWidget(Container):
                 switch_rows2,
                 self.crop_fraction,
                 *self.aug_strengths.values(),
+            ],
+        )
+        self.settings_box.margins = (0, 0, 0, 0)
+        super().__init__(
+            widgets=[
+                Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
+                self.pairs,
+                self.add_pair_button,
+                self.preset,
+                self.estimate,
                 Label(value="<b>Run</b>"),
                 self.output,
                 run_box,
@@ -480,8 +280,19 @@ class FineTuneWidget(Container):
                 self.status,
                 self.validation_score,
                 plot_box,
+                Label(value="<b>Settings</b> (scroll)"),
+                self.settings_box,
             ],
         )
+        self.settings_scroll = _scroll_area(self, self.settings_box)
+        self._applying_preset = False
+        self.apply_preset("quick")
+        self.preset.changed.connect(lambda v: self.apply_preset(v))
+        for w in (self.iterations, self.learning_rate, self.batch_size, self.train_size, self.crop_cells, self.freeze,
+                  self.aug_switches["resize"]):
+            w.changed.connect(self._on_setting_changed)
+        for w in (self.device, self.start_checkpoint, self.architecture):
+            w.changed.connect(lambda *_: self._update_estimate())
 
         self.add_pair_button.changed.connect(lambda *_: self.add_pair())
         self.run_button.changed.connect(lambda *_: self.run())
@@ -490,7 +301,8 @@ class FineTuneWidget(Container):
         self.start_checkpoint.changed.connect(self._on_start_changed)
         self.pretrained.changed.connect(lambda v: self._on_start_changed(v or self.start_checkpoint.value))
         # closing the dock (or the viewer) mid-run stops the trainer at its next iteration
-        self.native.destroyed.connect(lambda *_: self._stop.set())
+        stop_holder = self.__dict__  # the current run's Event, read when the Qt widget goes away
+        self.native.destroyed.connect(lambda *_: stop_holder["_stop"].set() if "_stop" in stop_holder else None)
         self.aug_switches["crop"].changed.connect(lambda v: setattr(self.crop_fraction, "enabled", bool(v)))
         layers_events = viewer.layers.events
         for ev in (layers_events.inserted, layers_events.removed, layers_events.reordered):
@@ -504,144 +316,61 @@ class FineTuneWidget(Container):
         elif isinstance(active, napari.layers.Labels):
             img = self._image_for_labels(active)
             if img is not None:
-                row.set_pair(img, active)
+                # a re-render written after the user's corrections is selected now: pair the corrected one
+                corrected = store_for(viewer).edited_labels(img.name, viewer.layers)
+                row.set_pair(img, corrected if corrected is not None else active)
         if row.image_layer.value is None:
             images = self._image_choices()
             if images:
                 row.image_layer.value = images[-1][1]
 
-    # -- layer pickers ----------------------------------------------------------------------
-    def _image_choices(self, *_):
-        import napari.layers
+    # -- presets and the time estimate ------------------------------------------------------
+    def apply_preset(self, name: str) -> None:
+        """Set the controls of preset ``name`` ("quick", "full"; "custom" changes nothing)."""
+        if name in PRESETS:
+            self._applying_preset = True
+            try:
+                for key, value in PRESETS[name].items():
+                    widget = self.aug_switches["resize"] if key == "resize" else getattr(self, key)
+                    widget.value = value
+            finally:
+                self._applying_preset = False
+            if self.preset.value != name:
+                self.preset.value = name
+        self._update_estimate()
 
-        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Image)]
+    def _on_setting_changed(self, *_) -> None:
+        if not self._applying_preset and self.preset.value != "custom":
+            self.preset.value = "custom"  # the user left the preset
+        self._update_estimate()
 
-    def _labels_choices(self, *_):
-        import napari.layers
+    def estimated_seconds(self) -> float:
+        """The run's time estimate (s) from the controls (see :func:`estimate_seconds`)."""
+        size = int(self.train_size.value) or 800
+        crop = int(self.crop_cells.value)
+        long_edge = int(round(size * 704 / 520))  # the competition's aspect ratio
+        if crop:  # a square window resized to the training size
+            long_edge = size
+        frozen = int(self.freeze.value) == 5
+        device = str(self.device.value)
+        if device == "auto":
+            device = "cpu"  # the estimate is for the worst case; a GPU is far faster
+        return estimate_seconds(int(self.iterations.value), int(self.batch_size.value), size, long_edge, frozen, device)
 
-        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, napari.layers.Labels)]
-
-    def matching_labels(self, image_layer):
-        """The Labels layer that most likely holds ``image_layer``'s cells, or None.
-
-        Among the Labels layers of the same (spatial) shape, prefer one whose ``metadata["image"]``
-        names the image (the Segment dock writes that), then one whose name starts with the image's,
-        then the top-most one.
-        """
-        shape = _spatial_shape(image_layer)
-        same = [lay for _, lay in self._labels_choices() if tuple(lay.data.shape) == shape]
-        if not same:
-            return None
-        for lay in reversed(same):
-            if (lay.metadata or {}).get("image") == image_layer.name:
-                return lay
-        for lay in reversed(same):
-            if lay.name.startswith(image_layer.name):
-                return lay
-        return same[-1]
-
-    def _image_for_labels(self, labels_layer):
-        md = labels_layer.metadata or {}
-        for name, lay in reversed(self._image_choices()):
-            if md.get("image") == name:
-                return lay
-        shape = tuple(labels_layer.data.shape)
-        for _, lay in reversed(self._image_choices()):
-            if _spatial_shape(lay) == shape:
-                return lay
-        return None
-
-    def _refresh_choices(self, *_):
-        for row in self.pair_rows:
-            row.reset_choices()
-        self.validation.reset_choices()
-
-    # -- pairs ------------------------------------------------------------------------------
-    @property
-    def pair_rows(self) -> list[_PairRow]:
-        return list(self.pairs)
-
-    def add_pair(self, image_layer=None, labels_layer=None, cell_type: str | None = None) -> _PairRow:
-        """Add a training row (optionally filled in) and return it."""
-        row = _PairRow(self)
-        self.pairs.append(row)
-        if image_layer is not None:
-            row.set_pair(image_layer, labels_layer, cell_type)
-        return row
-
-    def remove_pair(self, row: _PairRow) -> None:
-        self.pairs.remove(row)
-
-    def set_validation(self, image_layer, labels_layer=None, cell_type: str | None = None) -> None:
-        """Choose the validation pair (``None`` image: no validation)."""
-        if image_layer is None:
-            self.validation.image_layer.value = None
-            self.validation.labels_layer.value = None
-            return
-        self.validation.set_pair(image_layer, labels_layer, cell_type)
-
-    def _check_row(self, row: _PairRow, what: str) -> PairChoice:
-        image, labels = row.image_layer.value, row.labels_layer.value
-        if labels is None:
-            if not self._labels_choices():
-                raise ValueError(
-                    "no Labels layer is open: segment the image (Segment cells) or paint labels first"
-                )
-            raise ValueError(f"{what}: choose the labels layer drawn on image '{image.name}'")
-        ishape, lshape = _spatial_shape(image), tuple(labels.data.shape)
-        if ishape != lshape:
-            raise ValueError(
-                f"{what}: labels '{labels.name}' are {'x'.join(map(str, lshape))} but image '{image.name}' is "
-                f"{'x'.join(map(str, ishape))}: pick the labels drawn on this image"
-            )
-        if len(ishape) < 2:
-            raise ValueError(f"{what}: image '{image.name}' has shape {ishape}: need height and width")
-        lab = _layer_array(labels)
-        if not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"{what}: labels '{labels.name}' must hold integer cell ids, not {lab.dtype}")
-        n_cells = int(np.count_nonzero(np.unique(lab)))
-        planes = _planes(_layer_array(image), lab, bool(getattr(image, "rgb", False)))
-        return PairChoice(image.name, labels.name, str(row.cell_type.value), planes, n_cells)
-
-    def checked_pairs(self) -> tuple[list[PairChoice], PairChoice | None]:
-        """The training pairs and the validation pair (or None), checked.
-
-        Raises:
-            ValueError: no pair, a pair without labels, labels of another shape than their image,
-                no labelled cell at all (the message says what to do).
-        """
-        rows = [r for r in self.pair_rows if r.image_layer.value is not None]
-        if not rows:
-            if not self._image_choices():
-                raise ValueError("no image layer is open: open an image and its labels first")
-            raise ValueError("choose at least one image/labels pair to train on (Add pair)")
-        train = [self._check_row(r, f"pair {i + 1}") for i, r in enumerate(rows)]
-        if sum(p.n_cells for p in train) == 0:
-            raise ValueError("the chosen labels hold no cell: paint or segment some cells first")
-        seen = set()
-        for p in train:
-            key = (p.image_name, p.labels_name)
-            if key in seen:
-                raise ValueError(f"the pair '{p.image_name}' / '{p.labels_name}' is chosen twice")
-            seen.add(key)
-        val = None
-        if self.validation.image_layer.value is not None:
-            val = self._check_row(self.validation, "validation pair")
-            if val.n_cells == 0:
-                raise ValueError(f"the validation labels '{val.labels_name}' hold no cell")
-            if (val.image_name, val.labels_name) in seen:
-                raise ValueError("the validation pair is also a training pair: pick another one, or none")
-        return train, val
+    def _update_estimate(self) -> None:
+        sec = self.estimated_seconds()
+        dev = "a GPU" if str(self.device.value).startswith("cuda") else "this kind of CPU"
+        self.estimate.value = f"Estimated time: about {_format_seconds(sec)} on {dev} ({int(self.iterations.value)} iterations)"
 
     # -- settings ---------------------------------------------------------------------------
-    def train_settings(self, out: Path, validating: bool) -> tuple[dict, dict]:
-        """``TrainSettings`` and ``AugmentationSettings`` keyword arguments from the controls."""
+    def train_settings(self, out: Path, validating: bool) -> TrainSettings:
+        """The :class:`TrainSettings` of the controls (checked: a bad value raises ``ValueError``)."""
         iters = int(self.iterations.value)
         kw: dict[str, Any] = dict(
             iters=iters,
             lr=float(self.learning_rate.value),
             batch_size=int(self.batch_size.value),
-            warmup_iters=100,
+            warmup_iters=100,  # the trainer caps it at a fifth of the run
             device=str(self.device.value),
             out=str(out),
             resume=bool(self.resume.value),
@@ -654,12 +383,12 @@ class FineTuneWidget(Container):
         aug.update({k: float(w.value) for k, w in self.aug_strengths.items()})
         size = int(self.train_size.value)
         if size > 0:
-            # multi-scale: short edges 0.8..1.2 x the size; off: exactly the size (a single scale)
-            edges = (size,) if not aug["resize"] else tuple(sorted({int(round(size * f)) for f in MULTISCALE}))
+            # multi-scale: short edges 0.8..1.2 x the size (multiples of 32); off: exactly the size
+            edges = (size,) if not aug["resize"] else multiscale_sizes(size)
             aug.update(resize=True, short_edges=edges, max_size=2 * max(edges))
         f = float(self.crop_fraction.value)
         aug["crop_relative_range"] = (f, f)
-        return kw, aug
+        return TrainSettings(**kw, augment=AugmentationSettings(**aug))
 
     def _on_start_changed(self, value) -> None:
         has = value is not None and str(value) not in ("", ".")
@@ -700,7 +429,7 @@ class FineTuneWidget(Container):
                 raise ValueError(f"'Save as' {out} is a folder: give a file name, e.g. {out / 'finetuned.pt'}")
             if out.suffix == "":
                 out = out.with_suffix(".pt")
-            settings_kw, aug_kw = self.train_settings(out, validating=val is not None)
+            settings = self.train_settings(out, validating=val is not None)
         except (ValueError, OSError) as e:
             self.last_error = str(e)
             self.status.value = f"not started: {e}"
@@ -722,17 +451,17 @@ class FineTuneWidget(Container):
         self.messages = []
         self._pending_path = None
         worker = create_worker(
-            _finetune_job,
+            finetune_job,
             flat(train),
             flat([val]) if val is not None else [],
             start,
             str(self.architecture.value),
-            settings_kw,
-            aug_kw,
+            settings,
             bool(self.clean_masks.value),
             self._stop,
+            int(self.crop_cells.value) or None,
             _start_thread=False,
-            _ignore_errors=True,  # errors become notifications in _on_errored
+            _ignore_errors=True,  # the job returns its failures; anything else lands in _on_errored
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
@@ -742,10 +471,10 @@ class FineTuneWidget(Container):
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.add_to_segment_button.enabled = False
-        self.progress.max = int(settings_kw["iters"])
+        self.progress.max = settings.iters
         self.progress.value = 0
         self.validation_score.value = ""
-        self.loss_plot.clear(int(settings_kw["iters"]))
+        self.loss_plot.clear(settings.iters)
         n_img = sum(len(p.planes) for p in train)
         self.status.value = f"starting: {n_img} image(s), {sum(p.n_cells for p in train)} cells..."
         worker.start()
@@ -781,6 +510,9 @@ class FineTuneWidget(Container):
     def _on_returned(self, outcome: FineTuneOutcome) -> None:
         from napari.utils.notifications import show_info, show_warning
 
+        if outcome.error is not None:
+            self._show_failure(outcome.error)
+            return
         self.last_outcome = outcome
         path = outcome.model_path
         if outcome.cancelled:
@@ -818,10 +550,14 @@ class FineTuneWidget(Container):
             self.output.value = self._default_output
 
     def _on_errored(self, exc) -> None:
+        """An error the job did not turn into an outcome (it returns its own): shown the same way."""
+        self._show_failure(f"{type(exc).__name__}: {exc}")
+
+    def _show_failure(self, reason: str) -> None:
         from napari.utils.notifications import show_error
 
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        text = f"Fine-tune failed: {exc}"
+        self.last_error = reason
+        text = f"Fine-tune failed: {reason}"
         out = Path(self.output.value).expanduser() if self.output.value is not None else None
         if out is not None and out.is_file():
             text += f" (the last good checkpoint {out} is kept)"
@@ -833,25 +569,12 @@ class FineTuneWidget(Container):
         self.run_button.enabled = True
         self.cancel_button.enabled = False
 
-    # -- the Segment cells dock -------------------------------------------------------------
+    # -- the ensemble -----------------------------------------------------------------------
     def add_to_segment(self, path: str | Path) -> list:
-        """Add checkpoint ``path`` to every open "Segment cells" dock of this viewer (opening one when
-        none is open). A path already in a dock's list is replaced (keeping its weight), so the new
-        weights are loaded on the next run. Returns the new model entries."""
-        path = Path(path).expanduser().resolve()
-        docks = find_segment_docks(self._viewer)
-        if not docks:
-            _, widget = self._viewer.window.add_plugin_dock_widget("napari-sartorius", "Segment cells")
-            docks = [getattr(widget, "_magic_widget", widget)]
-        entries = []
-        for dock in docks:
-            weight = 1.0
-            for e in dock.models.entries:
-                if e.path is not None and Path(e.path) == path:
-                    weight = e.weight
-                    dock.models.remove(e)
-            entries.append(dock.models.add_checkpoint(path, weight=weight))
-        return entries
+        """Add checkpoint ``path`` to the viewer's ensemble (the store the Segment cells dock shows,
+        now or when it is opened). A member with the same file is replaced, keeping its weight, so
+        the new weights load on the next run. Returns the new entries."""
+        return [store_for(self._viewer).put_checkpoint(path)]
 
     def _on_add_to_segment_clicked(self) -> None:
         from napari.utils.notifications import show_error, show_info

@@ -52,6 +52,7 @@ from ..cell_types import (
 )
 from ._model_list import ModelList
 from ._review_panel import RenderedReview, ReviewPanel
+from .ensemble_store import store_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -236,7 +237,7 @@ class SegmentCellsWidget(Container):
 
         # -- input and models ---------------------------------------------------------------
         self.image_layer = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self.models = ModelList()
+        self.models = ModelList(store_for(viewer))  # the viewer's ensemble, shared with Fine-tune
         self.tta = ComboBox(label="TTA", choices=TTA_CHOICES, value="none", tooltip="test-time augmentation")
         self.ensemble = ComboBox(
             label="Ensemble", choices=ENSEMBLE_CHOICES, value="wbf", tooltip="how models and TTA variants are fused"
@@ -344,7 +345,9 @@ class SegmentCellsWidget(Container):
             if choices:
                 self.image_layer.value = choices[-1][1]
         if self.labels_layer is not None and self.labels_layer in self._viewer.layers:
-            self.export_layer.value = self.labels_layer
+            # the layer the user corrected on this image, else the last result
+            corrected = store_for(self._viewer).edited_labels(getattr(self._source_image, "name", ""), self._viewer.layers)
+            self.export_layer.value = corrected if corrected is not None else self.labels_layer
 
     # -- live-control rows ------------------------------------------------------------------
     def _build_class_rows(self, class_names) -> None:
@@ -586,8 +589,11 @@ class SegmentCellsWidget(Container):
             "image": getattr(self._source_image, "name", None),
         }
         reuse = layer is not None and layer in self._viewer.layers
-        if reuse and self.layer_was_edited():
+        edited = reuse and self.layer_was_edited()
+        if edited:
             reuse = False
+            # the Fine-tune and Export pickers prefer the corrected layer over the new uncorrected one
+            store_for(self._viewer).mark_edited(layer, getattr(self._source_image, "name", None))
             show_info(f"'{layer.name}' was edited: kept your edits and wrote the new result to a new layer")
         if reuse:
             layer.data = labels.copy()
@@ -596,15 +602,18 @@ class SegmentCellsWidget(Container):
         else:
             src = self._source_image
             name = f"{src.name} labels" if src is not None else "cells labels"
+            if edited:
+                name += " (uncorrected)"
             kwargs = {}
             if src is not None and src in self._viewer.layers:
                 kwargs = {"scale": src.scale, "translate": src.translate}
             layer = self._viewer.add_labels(
                 labels.copy(), name=name, features=features, metadata=metadata, opacity=0.6, **kwargs
             )
+            corrected = self.export_layer.value if edited else None
             self.labels_layer = layer
             self.export_layer.reset_choices()
-            self.export_layer.value = layer
+            self.export_layer.value = corrected if corrected is not None else layer
         self._rendered = labels
         self.review.follow(layer)
 

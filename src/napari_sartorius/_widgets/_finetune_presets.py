@@ -1,0 +1,56 @@
+"""The Fine-tune dock's presets and its time estimate (no Qt, no torch).
+
+"Quick (CPU)" freezes the backbone body and trains the FPN, RPN and heads on windows around the
+labelled cells at a small size for a few dozen iterations; "Full (GPU)" trains the whole model on whole
+images. :func:`estimate_seconds` turns a run's size into a rough wall time shown before starting. The
+dock's choice tables (frozen stages, augmentation labels) live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS", "PRESET_CHOICES", "estimate_seconds", "CPU_SECONDS_PER_MEGAPIXEL", "GPU_SECONDS_PER_MEGAPIXEL"]
+
+#: Control values of each preset (see the module's docstring); "crop_cells" 0 = whole images.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(iterations=40, learning_rate=0.01, batch_size=2, train_size=384, freeze=5, crop_cells=256,
+                  resize=False),
+    "full": dict(iterations=300, learning_rate=0.0025, batch_size=2, train_size=0, freeze=-1, crop_cells=0,
+                 resize=True),
+}
+PRESET_CHOICES = [("Quick (CPU: heads only, crops around the cells)", "quick"), ("Full (GPU: whole model, whole images)", "full"),
+                  ("Custom", "custom")]
+#: Seconds per image and megapixel of network input for one R50-FPN training step on one CPU core
+#: pair of the development machine (2 cores), body frozen / trainable; see benchmarks/bench_finetune_loop.py.
+CPU_SECONDS_PER_MEGAPIXEL = {"frozen": 8.0, "trainable": 20.0}
+#: The same on a CUDA GPU (order of magnitude; the first iterations then give the real figure).
+GPU_SECONDS_PER_MEGAPIXEL = {"frozen": 0.08, "trainable": 0.2}
+_AUG_LABELS = {"crop": "Crop", "resize": "Multi-scale", "hflip": "Flip LR", "vflip": "Flip UD", "rot90": "Rot 90"}
+_AUG_TIPS = {
+    "crop": "random crop of each image (sides at least 'Crop at least' of the image's)",
+    "resize": "multi-scale training: a random short edge per image (see 'Training size')",
+    "hflip": "flip left-right with probability 0.5",
+    "vflip": "flip up-down with probability 0.5",
+    "rot90": "rotate by a random multiple of 90 degrees",
+}
+#: Frozen stages offered (detectron2's FREEZE_AT); -1 keeps the starting model's setting.
+FREEZE_CHOICES = [
+    ("as in the model", -1),
+    ("0: train everything", 0),
+    ("1: freeze the stem", 1),
+    ("2: stem + res2", 2),
+    ("3: stem + res2-3", 3),
+    ("4: stem + res2-4", 4),
+    ("5: whole backbone body", 5),
+]
+
+
+def estimate_seconds(iterations: int, batch_size: int, short_edge: int, long_edge: int, frozen_body: bool,
+                     device: str = "cpu") -> float:
+    """Rough wall time (s) of a run: ``iterations x batch x input megapixels x`` seconds per
+    megapixel (:data:`CPU_SECONDS_PER_MEGAPIXEL`, or the GPU figures for a CUDA device). The input is
+    ``short_edge x long_edge`` pixels after the model's resize."""
+    table = GPU_SECONDS_PER_MEGAPIXEL if device.startswith("cuda") else CPU_SECONDS_PER_MEGAPIXEL
+    mp = short_edge * long_edge / 1e6
+    return float(iterations) * batch_size * mp * table["frozen" if frozen_body else "trainable"]
