@@ -474,3 +474,25 @@ def test_napari_with_the_plugin_leaves_torch_alone_and_imports_it_safely_later(m
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch loaded at start: False" in out.stdout
     assert "ok" in out.stdout
+
+
+def test_both_docks_fit_a_1366x768_screen(make_napari_viewer, sample):
+    """The Segment and Fine-tune docks opened together in a 768-px-high window go into tabs (stacked
+    they need ~1,200 px); their run controls keep a place, the rest scrolls, and the window does not
+    grow past the screen."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(sample.image, name="cells")
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    viewer.window.add_plugin_dock_widget("napari-sartorius", "Segment cells")
+    viewer.window.add_plugin_dock_widget("napari-sartorius", "Fine-tune")
+    from qtpy.QtWidgets import QApplication, QDockWidget, QWidget
+
+    from napari_sartorius._widgets._layout import DOCK_OBJECT_NAME
+
+    for _ in range(5):
+        QApplication.processEvents()
+    assert window.height() <= 768, window.height()
+    assert window.minimumSizeHint().height() <= 768
+    ours = [d for d in window.findChildren(QDockWidget) if d.findChild(QWidget, DOCK_OBJECT_NAME) is not None]
+    assert len(ours) == 2 and window.tabifiedDockWidgets(ours[0]) == [ours[1]]

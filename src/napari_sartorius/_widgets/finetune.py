@@ -47,6 +47,7 @@ from ..training.settings import AugmentationSettings, TrainSettings, multiscale_
 from ._finetune_job import FineTuneOutcome, finetune_job
 from ._finetune_presets import _AUG_LABELS, _AUG_TIPS, FREEZE_CHOICES, PRESET_CHOICES, PRESETS, estimate_seconds
 from ._finetune_pairs import PairChoice, PairPickerMixin, PairRow
+from ._layout import scroll_area, tabify_with_sibling_docks
 from ._loss_plot import LossPlot
 from ._model_list import CHECKPOINT_FILTER
 from ._pretrained import pretrained_choice
@@ -78,27 +79,6 @@ AUG_STRENGTHS: dict[str, tuple[float, float, float, str]] = {
     "saturation": (_AUG_DEFAULTS["saturation"], 0.95, 0.05, "Saturation"),
     "lighting": (_AUG_DEFAULTS["lighting"], 1.0, 0.05, "Lighting (PCA)"),
 }
-def _scroll_area(parent: Container, child: Container):
-    """Move ``child`` (a widget of ``parent``) into a vertical scroll area in its place: napari docks a
-    container's inner widget, so magicgui's own ``scrollable`` would be lost, and without one the
-    dock grows a 768-px window past the screen. The run controls above it stay in view."""
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
-
-    layout = parent.native.layout()
-    index = layout.indexOf(child.native)
-    layout.removeWidget(child.native)
-    scroll = QScrollArea()
-    scroll.setWidgetResizable(True)
-    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    scroll.setFrameShape(QFrame.Shape.NoFrame)
-    scroll.setWidget(child.native)
-    scroll.setMinimumHeight(100)
-    scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
-    layout.insertWidget(index, scroll, 1)
-    return scroll
-
-
 def default_output_path(folder: str | Path = "~/napari-sartorius", stem: str = "finetuned") -> Path:
     """``<folder>/<stem>.pt``, or ``<stem>_2.pt``, ``_3``, ... : the first name not taken yet."""
     folder = Path(folder).expanduser()
@@ -284,7 +264,8 @@ class FineTuneWidget(PairPickerMixin, Container):
                 self.settings_box,
             ],
         )
-        self.settings_scroll = _scroll_area(self, self.settings_box)
+        self.settings_scroll = scroll_area(self, self.settings_box, min_height=40)
+        tabify_with_sibling_docks(self)  # with the Segment dock: tabs, not a 1,200-px column
         self._applying_preset = False
         self.apply_preset("quick")
         self.preset.changed.connect(lambda v: self.apply_preset(v))

@@ -50,6 +50,7 @@ from ..cell_types import (
     MIN_AREAS,
     SCORE_THRESHOLDS,
 )
+from ._layout import scroll_area, tabify_with_sibling_docks
 from ._model_list import ModelList
 from ._review_panel import RenderedReview, ReviewPanel
 from .ensemble_store import store_for
@@ -276,6 +277,22 @@ class SegmentCellsWidget(Container):
         self.export_layer = ComboBox(label="Labels", choices=self._labels_choices, nullable=True)
         self.export_button = PushButton(text="Export COCO JSON / Kaggle CSV...")
         self.review = ReviewPanel(viewer, dock=self)
+        self.lower_box = Container(
+            widgets=[
+                Label(value="<b>Live controls</b> (no model run)"),
+                self.class_rows,
+                self.mask_threshold,
+                self.max_overlap,
+                self.fill_holes,
+                self.keep_largest,
+                Label(value="<b>Review</b> (most uncertain cells first)"),
+                self.review,
+                Label(value="<b>Export</b>"),
+                self.export_layer,
+                self.export_button,
+            ]
+        )
+        self.lower_box.margins = (0, 0, 0, 0)
 
         super().__init__(
             widgets=[
@@ -290,19 +307,12 @@ class SegmentCellsWidget(Container):
                 run_box,
                 self.progress,
                 self.status,
-                Label(value="<b>Live controls</b> (no model run)"),
-                self.class_rows,
-                self.mask_threshold,
-                self.max_overlap,
-                self.fill_holes,
-                self.keep_largest,
-                Label(value="<b>Review</b> (most uncertain cells first)"),
-                self.review,
-                Label(value="<b>Export</b>"),
-                self.export_layer,
-                self.export_button,
+                self.lower_box,
             ]
         )
+        # the controls below the run button scroll, so the dock fits a 1366 x 768 screen
+        self.lower_scroll = scroll_area(self, self.lower_box)
+        tabify_with_sibling_docks(self)  # with the Fine-tune dock: tabs, not a 1,200-px column
 
         from qtpy.QtCore import QTimer
 
