@@ -333,3 +333,23 @@ def test_loss_plot_scale_and_decimation(qtbot):
     assert use_log_scale([3.0, 2.9e9, 1.5])  # a blow-up must not flatten the rest of the curve
     plot.add_loss(4, 7.9e9)
     assert not plot.grab().isNull()
+
+
+def test_pairs_are_ordered_most_uncertain_first(viewer, tmp_path):
+    """'Most uncertain first' puts the pair whose labels carry the higher uncertainty on top; a pair
+    without uncertainty (labels painted by hand) goes last."""
+    for name, values in (("cells labels", 0.1), ("held out labels", 0.6)):
+        layer = viewer.layers[name]
+        ids = np.unique(layer.data)
+        ids = ids[ids > 0]
+        layer.features = {"label": ids, "uncertainty": np.full(len(ids), values)}
+    viewer.add_labels(np.zeros(SHAPE, np.int32), name="painted")
+    dock = _dock(viewer, tmp_path)
+    (row,) = dock.pair_rows
+    row.set_pair(viewer.layers["cells"], viewer.layers["cells labels"], "cort")
+    dock.add_pair(viewer.layers["cells"], viewer.layers["painted"], "cort")
+    dock.add_pair(viewer.layers["held out"], viewer.layers["held out labels"], "cort")
+    order = dock.order_pairs_by_uncertainty()
+    assert order == ["held out labels", "cells labels", "painted"]
+    assert [r.labels_layer.value.name for r in dock.pair_rows] == order
+    assert dock.pair_rows[0].image_layer.value.name == "held out"

@@ -223,6 +223,19 @@ class PairPickerMixin:
     def remove_pair(self, row: PairRow) -> None:
         self.pairs.remove(row)
 
+    def order_pairs_by_uncertainty(self) -> list[str]:
+        """Reorder the training pairs most uncertain first (the labels' ``uncertainty`` feature,
+        :func:`._review_panel.order_pairs_by_uncertainty`); pairs without uncertainty keep their order
+        at the end. Returns the labels layers' names in the new order."""
+        from ._review_panel import order_pairs_by_uncertainty
+
+        rows = self.pair_rows
+        values = [(r.image_layer.value, r.labels_layer.value, r.cell_type.value) for r in rows]
+        ordered = order_pairs_by_uncertainty(values, labels_of=lambda v: v[1])
+        for row, (image, labels, cell_type) in zip(rows, ordered):
+            row.set_pair(image, labels, cell_type)
+        return [getattr(v[1], "name", "") for v in ordered]
+
     def set_validation(self, image_layer, labels_layer=None, cell_type: str | None = None) -> None:
         """Choose the validation pair (``None`` image: no validation)."""
         if image_layer is None:

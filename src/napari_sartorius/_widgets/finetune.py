@@ -129,6 +129,14 @@ class FineTuneWidget(PairPickerMixin, Container):
         self.pairs = Container(labels=False)
         self.pairs.margins = (0, 0, 0, 0)
         self.add_pair_button = PushButton(text="Add pair", tooltip="train on one more image/labels pair")
+        self.order_pairs_button = PushButton(
+            text="Most uncertain first",
+            tooltip="order the pairs by the uncertainty of their labels (90th percentile, then mean; the "
+            "Segment dock's review columns): the images most worth correcting come first",
+        )
+        self.pair_buttons = Container(layout="horizontal", labels=False,
+                                      widgets=[self.add_pair_button, self.order_pairs_button])
+        self.pair_buttons.margins = (0, 0, 0, 0)
         self.validation = PairRow(self, removable=False)
         self.validation.tooltip = "optional: an image/labels pair kept out of training and scored with the competition metric"
         self.clean_masks = CheckBox(
@@ -250,7 +258,7 @@ class FineTuneWidget(PairPickerMixin, Container):
             widgets=[
                 Label(value="<b>Training pairs</b>", tooltip="image layer, its labels layer, cell type"),
                 self.pairs,
-                self.add_pair_button,
+                self.pair_buttons,
                 self.preset,
                 self.estimate,
                 Label(value="<b>Run</b>"),
@@ -276,6 +284,7 @@ class FineTuneWidget(PairPickerMixin, Container):
             w.changed.connect(lambda *_: self._update_estimate())
 
         self.add_pair_button.changed.connect(lambda *_: self.add_pair())
+        self.order_pairs_button.changed.connect(lambda *_: self.order_pairs_by_uncertainty())
         self.run_button.changed.connect(lambda *_: self.run())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.add_to_segment_button.changed.connect(lambda *_: self._on_add_to_segment_clicked())
