@@ -1,5 +1,8 @@
 """A weight-free segmentation engine for phase-contrast cells (NumPy / SciPy / scikit-image only).
 
+Why over 500 lines: one algorithm (detection, polar contours, calibrated scores) whose steps share
+private helpers; splitting it would scatter a single pipeline.
+
 It lets the whole loop (segment, correct, export, evaluate) run before any trained model exists.
 It implements the engine contract (``name``, ``class_names``, ``predict_batch``) and returns the same
 :class:`~napari_sartorius.instances.Instances` as the Mask R-CNN predictor.

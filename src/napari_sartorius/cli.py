@@ -1,6 +1,9 @@
 """Command line: ``napari-sartorius demo | segment | evaluate | convert | models | init-model |
 import-detectron2 | train``.
 
+Why over 500 lines: the parser and the thin command functions; argument checks live in
+``cli_checks``, the larger commands in ``commands/``, the work itself in the core.
+
 The names, options and outputs here are a contract other tools call. Errors end with a one-line
 reason on stderr and a non-zero exit status; ``--debug`` shows the traceback instead.
 """

@@ -1,6 +1,9 @@
 """The "Fine-tune" dock: train a Mask R-CNN on the image/labels layers the user corrected; the model
 then joins the viewer's ensemble (:mod:`.ensemble_store`), which the "Segment cells" dock shows.
 
+Why over 500 lines: one dock's widgets, their wiring and the run/outcome handling; the pair pickers,
+presets and the worker job already live in ``_finetune_pairs``, ``_finetune_presets`` and ``_finetune_job``.
+
 Threading and imports:
     * Training runs :func:`._finetune_job.finetune_job` (a generator around
       :func:`napari_sartorius.training.trainer.train`) in a napari worker thread; every yielded

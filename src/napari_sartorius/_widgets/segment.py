@@ -1,5 +1,8 @@
 """The "Segment cells" dock: run the ensemble on an image layer, then tune the result live.
 
+Why over 500 lines: one dock's widgets, its worker and the live re-render that ties them together;
+the model list, review panel, layout helpers and all computation live in their own modules.
+
 Threading and imports:
     * Models run in a napari worker thread on a generator (:func:`_segment_planes`) that wraps
       :func:`napari_sartorius.inference.segment.segment_stack`; each yielded progress step moves the

@@ -1,5 +1,8 @@
 """COCO instance JSON and COCO results JSON.
 
+Why over 500 lines: both COCO flavours (instances and results), read and written, share the RLE /
+polygon and category handling kept here.
+
 **Instance file** (``{"images", "annotations", "categories"}``): reading accepts RLE segmentations
 with compressed (string) or uncompressed (list) counts, polygons, and the stringified-dict RLE some
 Kaggle conversions wrote (``"{'size': [...], 'counts': '...'}"``, parsed with ``ast.literal_eval``,

@@ -1,5 +1,8 @@
 """Import detectron2 checkpoints (``.pth`` and model-zoo ``.pkl``) without detectron2.
 
+Why over 500 lines: the name mapping of every detectron2 tensor onto the project's models and the
+conversions that go with it are one table-driven procedure; the config side is in ``d2_config``.
+
 Reading never runs code from the file: ``.pth`` files go through ``torch.load(weights_only=True)``,
 ``.pkl`` files through :class:`RestrictedUnpickler`, which only reconstructs numpy arrays, numpy
 scalars, dicts/lists and ``collections.OrderedDict``.
