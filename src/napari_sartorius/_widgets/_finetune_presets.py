@@ -10,21 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "PRESET_CHOICES", "estimate_seconds", "CPU_SECONDS_PER_MEGAPIXEL", "GPU_SECONDS_PER_MEGAPIXEL"]
+__all__ = ["PRESETS", "PRESET_CHOICES", "estimate_seconds", "CPU_SECONDS_PER_IMAGE", "CPU_SECONDS_PER_MEGAPIXEL"]
 
 #: Control values of each preset (see the module's docstring); "crop_cells" 0 = whole images.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(iterations=40, learning_rate=0.01, batch_size=2, train_size=384, freeze=5, crop_cells=256,
+    "quick": dict(iterations=20, learning_rate=0.01, batch_size=2, train_size=384, freeze=5, crop_cells=256,
                   resize=False),
     "full": dict(iterations=300, learning_rate=0.0025, batch_size=2, train_size=0, freeze=-1, crop_cells=0,
                  resize=True),
 }
 PRESET_CHOICES = [("Quick (CPU: heads only, crops around the cells)", "quick"), ("Full (GPU: whole model, whole images)", "full"),
                   ("Custom", "custom")]
-#: Seconds per image and megapixel of network input for one R50-FPN training step on one CPU core
-#: pair of the development machine (2 cores), body frozen / trainable; see benchmarks/bench_finetune_loop.py.
-CPU_SECONDS_PER_MEGAPIXEL = {"frozen": 8.0, "trainable": 20.0}
+#: CPU cost of one R50-FPN training step on the development machine (2 shared cores, 2 threads):
+#: seconds per image (RoI heads, mostly independent of the input size) and seconds per image and
+#: megapixel of network input, body frozen / trainable. Fitted to two measurements: the quick
+#: preset, 15.3 s per iteration (batch 2 at 384 x 384, ``benchmarks/bench_finetune_loop.py``), and
+#: ~70 s per iteration for the whole model at a 1024-px short edge, batch 2 (issue 9).
+CPU_SECONDS_PER_IMAGE = 5.0
+CPU_SECONDS_PER_MEGAPIXEL = {"frozen": 15.0, "trainable": 24.0}
 #: The same on a CUDA GPU (order of magnitude; the first iterations then give the real figure).
+GPU_SECONDS_PER_IMAGE = 0.05
 GPU_SECONDS_PER_MEGAPIXEL = {"frozen": 0.08, "trainable": 0.2}
 _AUG_LABELS = {"crop": "Crop", "resize": "Multi-scale", "hflip": "Flip LR", "vflip": "Flip UD", "rot90": "Rot 90"}
 _AUG_TIPS = {
@@ -48,9 +53,11 @@ FREEZE_CHOICES = [
 
 def estimate_seconds(iterations: int, batch_size: int, short_edge: int, long_edge: int, frozen_body: bool,
                      device: str = "cpu") -> float:
-    """Rough wall time (s) of a run: ``iterations x batch x input megapixels x`` seconds per
-    megapixel (:data:`CPU_SECONDS_PER_MEGAPIXEL`, or the GPU figures for a CUDA device). The input is
+    """Rough wall time (s) of a run: ``iterations x batch x (per image + input megapixels x per
+    megapixel)`` with the CPU figures above (the GPU ones for a CUDA device). The input is
     ``short_edge x long_edge`` pixels after the model's resize."""
-    table = GPU_SECONDS_PER_MEGAPIXEL if device.startswith("cuda") else CPU_SECONDS_PER_MEGAPIXEL
+    gpu = device.startswith("cuda")
+    per_image = GPU_SECONDS_PER_IMAGE if gpu else CPU_SECONDS_PER_IMAGE
+    table = GPU_SECONDS_PER_MEGAPIXEL if gpu else CPU_SECONDS_PER_MEGAPIXEL
     mp = short_edge * long_edge / 1e6
-    return float(iterations) * batch_size * mp * table["frozen" if frozen_body else "trainable"]
+    return float(iterations) * batch_size * (per_image + mp * table["frozen" if frozen_body else "trainable"])
