@@ -139,6 +139,7 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
 
     guard_torch_import()  # the inference and model modules import torch
     from ..inference.segment import segment_stack
+    from ..jobs import relay
 
     engines, weights = [], []
     for k, entry in enumerate(entries):
@@ -161,19 +162,14 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
     if stop.is_set():
         raise Cancelled()
     stack = np.stack([_as_engine_input(planes[z]) for z in range(n)])
-    gen = segment_stack(stack, engines, weights=weights, stop=stop, **options)
-    results = None
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as fin:
-            results = fin.value
-            break
+    def as_dock_step(p):
         total = max(int(getattr(p, "total", 1)), 1)
         msg = str(getattr(p, "message", ""))
         if n == 1 and msg.startswith("plane 1/1: "):
             msg = msg[len("plane 1/1: ") :]
-        yield min(int(getattr(p, "step", 0)), total) / total, msg, getattr(p, "warning", None)
+        return min(int(getattr(p, "step", 0)), total) / total, msg, getattr(p, "warning", None)
+
+    results = yield from relay(segment_stack(stack, engines, weights=weights, stop=stop, **options), as_dock_step)
     if stop.is_set() or results is None:
         raise Cancelled()
     yield 1.0, "post-processing", None

@@ -16,6 +16,7 @@ from typing import Callable, Generator, Sequence
 
 import numpy as np
 
+from ..jobs import relay
 from .data import TrainingDataset
 from .trainer import TrainProgress, TrainResult, TrainSettings, train
 
@@ -183,13 +184,7 @@ def run_kfold(
         fold_settings = replace(s, out=None if s.out is None else str(fold_path(s.out, i)), resume=False)
         start = copy.deepcopy(model_or_ckpt) if not isinstance(model_or_ckpt, (str, Path)) else model_or_ckpt
         gen = train(start, train_set, fold_settings, val_data=val_set, stop=stop)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as fin:
-                res: TrainResult = fin.value
-                break
-            yield KFoldProgress(i, k, p)
+        res: TrainResult = yield from relay(gen, lambda p, i=i: KFoldProgress(i, k, p))
         last = res.val_scores[-1] if res.val_scores and res.val_scores[-1][0] == res.iterations else None
         result.folds.append(
             FoldResult(

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..device import is_out_of_memory, resolve_device
+from ..jobs import run_job
 from ..models.class_surgery import inherit_single_class
 from ..stopping import stop_requested
 from . import distributed as dist_utils
@@ -480,11 +481,5 @@ def _check_loss(loss_dict: dict, total: float, history: list[dict], iteration: i
 
 def run_training(gen: Generator[TrainProgress, None, TrainResult], callback: Callable[[TrainProgress], Any] | None = None) -> TrainResult:
     """Drain a :func:`train` (or ``run_kfold``) generator, passing each progress to ``callback``; return its result."""
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as fin:
-            return fin.value
-        if callback is not None:
-            callback(p)
+    return run_job(gen, callback)
 
