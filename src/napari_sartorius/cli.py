@@ -20,6 +20,7 @@ from typing import Sequence
 from .cli_checks import CLIError, check_label_predictions, check_model_files, output_folder, unit_interval
 from .commands.pretrained import resolve_model_arg
 from .device import DEVICE_CHOICES
+from .inference.settings import FUSION_METHODS, TTA_MODES
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -426,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat for an ensemble "
                    "(default: classical)")
     s.add_argument("--weights", help="comma-separated ensemble weight per --model (default: equal)")
-    s.add_argument("--tta", default="none", choices=("none", "flips", "flips+rot90", "multiscale"),
+    s.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation (default none)")
-    s.add_argument("--ensemble", default="wbf", choices=("nms", "soft_nms", "nmw", "wbf", "mask_nms"),
+    s.add_argument("--ensemble", default="wbf", choices=FUSION_METHODS,
                    help="how models and TTA variants are fused (default wbf)")
     s.add_argument("--iou", type=unit_interval, default=0.5, help="IoU threshold of the fusion, in (0, 1] (default 0.5)")
     s.add_argument("--cell-type", default="auto", help="auto (majority predicted class) or shsy5y, astro, cort")

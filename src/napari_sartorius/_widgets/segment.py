@@ -53,6 +53,8 @@ from ..cell_types import (
     MIN_AREAS,
     SCORE_THRESHOLDS,
 )
+from ..device import DEVICE_CHOICES  # one list for the CLI and both docks (mps included)
+from ..inference.settings import FUSION_METHODS, TTA_MODES, SegmentSettings
 from ._layout import scroll_area, tabify_with_sibling_docks
 from ._model_list import ModelList
 from ._review_panel import RenderedReview, ReviewPanel
@@ -63,9 +65,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SegmentCellsWidget", "TTA_CHOICES", "ENSEMBLE_CHOICES", "DEVICE_CHOICES"]
 
-TTA_CHOICES = ("none", "flips", "flips+rot90", "multiscale")
-ENSEMBLE_CHOICES = ("wbf", "nms", "soft_nms", "nmw", "mask_nms")
-from ..device import DEVICE_CHOICES  # noqa: E402 - one list for the CLI and both docks (mps included)
+TTA_CHOICES = TTA_MODES
+ENSEMBLE_CHOICES = ("wbf", *(m for m in FUSION_METHODS if m != "wbf"))  # the default first
 #: Slider moves are coalesced: a render starts this long after the last change (ms).
 RENDER_DELAY_MS = 30
 #: Tooltip of the mask controls while they cannot change anything (only the weight-free engine ran).
@@ -88,10 +89,10 @@ class SegmentError(Exception):
     """
 
 
-def _segment_planes(planes, entries, device: str, options: dict, stop: threading.Event):
+def _segment_planes(planes, entries, device: str, settings: SegmentSettings, stop: threading.Event):
     """Worker generator (see :func:`_segment_planes_impl`); model RuntimeErrors become SegmentError."""
     try:
-        return (yield from _segment_planes_impl(planes, entries, device, options, stop))
+        return (yield from _segment_planes_impl(planes, entries, device, settings, stop))
     except RuntimeError as e:
         raise SegmentError(str(e) or type(e).__name__) from e
 
@@ -129,7 +130,7 @@ def _as_engine_input(plane) -> np.ndarray:
     return to_uint8_gray(arr, "image layer")
 
 
-def _segment_planes_impl(planes, entries, device: str, options: dict, stop: threading.Event):
+def _segment_planes_impl(planes, entries, device: str, settings: SegmentSettings, stop: threading.Event):
     """Worker generator: load the engines, segment each plane, return the raw instances.
 
     Yields ``(fraction done in [0, 1], message, warning or None)``; returns ``(list of Instances, class names)``.
@@ -169,7 +170,8 @@ def _segment_planes_impl(planes, entries, device: str, options: dict, stop: thre
             msg = msg[len("plane 1/1: ") :]
         return min(int(getattr(p, "step", 0)), total) / total, msg, getattr(p, "warning", None)
 
-    results = yield from relay(segment_stack(stack, engines, weights=weights, stop=stop, **options), as_dock_step)
+    job = segment_stack(stack, engines, weights=weights, stop=stop, **settings.as_kwargs())
+    results = yield from relay(job, as_dock_step)
     if stop.is_set() or results is None:
         raise Cancelled()
     yield 1.0, "post-processing", None
@@ -424,9 +426,13 @@ class SegmentCellsWidget(Container):
         except ValueError as e:
             show_error(f"Segment cells: {e}")
             return None
-        options = {"tta": self.tta.value, "ensemble": self.ensemble.value, "iou_thr": float(self.iou.value)}
+        try:
+            settings = SegmentSettings(tta=self.tta.value, ensemble=self.ensemble.value, iou_thr=float(self.iou.value))
+        except ValueError as e:
+            show_error(f"Segment cells: {e}")
+            return None
         # the weight-free engine alone, unfused, gives binary masks without holes or overlaps
-        binary = all(e.is_classical for e in entries) and options["tta"] == "none"
+        binary = all(e.is_classical for e in entries) and settings.tta == "none"
         self._stop = threading.Event()
         self.last_error = None
         self.last_warnings = []
@@ -435,7 +441,7 @@ class SegmentCellsWidget(Container):
             planes,
             entries,
             self.device.value,
-            options,
+            settings,
             self._stop,
             _start_thread=False,
             _ignore_errors=True,  # errors become notifications in _on_errored

@@ -78,7 +78,7 @@ from .uncertainty import ClusterAgreement
 
 __all__ = ["METHODS", "CONF_TYPES", "fuse_instances", "box_iou_pairs", "mask_iou"]
 
-METHODS: tuple[str, ...] = ("nms", "soft_nms", "nmw", "wbf", "mask_nms")
+from .settings import FUSION_METHODS as METHODS  # noqa: E402 - the one list (torch-free)
 CONF_TYPES: tuple[str, ...] = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 
 

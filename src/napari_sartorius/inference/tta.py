@@ -50,7 +50,7 @@ __all__ = [
     "check_image",
 ]
 
-TTA_MODES: tuple[str, ...] = ("none", "flips", "flips+rot90", "multiscale")
+from .settings import TTA_MODES  # noqa: E402 - the one list (torch-free)
 DEFAULT_SCALES: tuple[float, ...] = (0.8, 1.0, 1.25)
 
 
