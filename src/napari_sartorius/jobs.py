@@ -16,8 +16,9 @@ be written by hand:
 
 In napari, a dock hands the job (or a ``relay`` of it) to ``napari.qt.threading.create_worker``:
 ``yielded`` gets the progress, ``returned`` the result, ``errored`` the job's exceptions (its cancel
-exception included); Cancel sets the stop event the job polls. No Qt here. (The trainer, K-fold and the docks' own loops
-adopt these helpers as their owners split those modules.)
+exception included); Cancel sets the stop event the job polls. No Qt here. Every job loop of the
+project (CLI, ``segment_stack``, ``run_training``, K-fold, the Segment dock's worker) goes through
+these two functions.
 
 Example::
 
