@@ -1,29 +1,36 @@
-"""Does the review queue pay? A simulated person fixes k cells per image, chosen three ways.
+"""Does the review queue pay? A simulated person fixes k cells per image, chosen four ways.
 
 For every annotated image (the real cort images in ``../shared/data/real`` beside the repository when
-they are there, and synthetic images of the three styles), the weight-free engine is run with TTA
-(every variant is a source, so fusion gives each cell an uncertainty), the result is post-processed
-with the default settings of the image's cell type, and a simulated person then fixes ``k`` cells
-(k in 5, 10, 20, 50) chosen
+they are there, and synthetic images of the three styles), the weight-free engine is run under a
+*source configuration* (``--sources``: ``multiscale``, 5-scale TTA; ``flips``, 4 flips; ``ensemble``,
+three engines of diameters 0.85, 1, 1.15 x typical without TTA: every variant or engine is a source,
+so fusion gives each cell an uncertainty), the result is post-processed with the default settings of
+the image's cell type, and a simulated person then fixes ``k`` cells (k in 5, 10, 20, 50) chosen
 
-* (a) by uncertainty, most uncertain first,
-* (b) by score, lowest first,
-* (c) at random (mean over ``--random-repeats`` draws),
+* (a) by review priority, highest first (what the review panel does:
+  :func:`napari_sartorius.inference.review_rank.review_priority`),
+* (b) by uncertainty alone, most uncertain first,
+* (c) by score, lowest first,
+* (d) at random (mean over ``--random-repeats`` draws),
 
 where fixing a predicted cell replaces it by its best-matching true cell (highest IoU among the true
 cells it overlaps that no other cell already stands for: matched at IoU >= 0.5 by another predicted
 cell, or placed by an earlier fix), and deletes it when there is none (a false cell, or a fragment of
 a cell that another prediction already has). It prints the competition score (mean over images) after each
-``k``, and the AUROC of the uncertainty and of (1 - score) for "this prediction is wrong" (no true
-cell at IoU >= 0.5), over all predicted cells of each group, and per image its score beside its mean
-uncertainty (what ``summary.csv`` ranks images by) with their rank correlation.
+``k``; the AUROC of the priority, of the uncertainty and of (1 - score) for "this prediction is
+wrong" (no true cell at IoU >= 0.5) over all predicted cells of each group, with a paired bootstrap
+90 % interval of AUROC(priority) - AUROC(1 - score) (resampling cells, ``--bootstrap`` draws); the
+precision of the top 20 cells of the group (pooled, the share of them that are wrong) and of the panel's
+default flags (the top 20 % of each image's cells, at least 5); and per image its score beside its
+mean uncertainty (what ``summary.csv`` ranks images by) with their rank correlation.
 
-``--tune`` searches the weights of the combined uncertainty (``UNCERTAINTY_WEIGHTS``) on *other*
-synthetic images only (seeds 100+) and prints the best; the real images never take part in tuning.
-``--cost`` times fusion with and without the uncertainty on 12 simulated sources of an 800-cell image
-(target: the uncertainty costs under 10 % of fusion).
+``--tune`` fits the priority's coefficients (``PRIORITY_COEFFICIENTS``) on *other* synthetic images
+only (seeds 100-102 of each style, cort seeds 103-114) under all three source configurations, and
+searches the weights of the combined uncertainty (``UNCERTAINTY_WEIGHTS``) on the multiscale ones;
+the real images never take part in tuning. ``--cost`` times fusion with and without the uncertainty
+on 12 simulated sources of an 800-cell image (target: the uncertainty costs under 10 % of fusion).
 
-    python benchmarks/bench_review.py [--tta multiscale] [--synthetic 2] [--tune] [--cost]
+    python benchmarks/bench_review.py [--sources multiscale,flips,ensemble] [--synthetic 2] [--tune] [--cost]
 """
 
 from __future__ import annotations
@@ -58,34 +65,53 @@ def real_images():
     return out
 
 
-def synthetic_images(n_per_style: int, seed0: int = 0):
+def synthetic_images(n_per_style: int, seed0: int = 0, styles=("cort", "shsy5y", "astro")):
     from napari_sartorius.synthetic import make_sample
 
     out = []
-    for style in ("cort", "shsy5y", "astro"):
+    for style in styles:
         for k in range(n_per_style):
             s = make_sample(style, seed=seed0 + k)
             out.append((f"synthetic {style} {seed0 + k}", s.image, s.labels, style))
     return out
 
 
+def fit_images():
+    """The synthetic images the priority is fitted on (never those of the simulation, never real ones):
+    seeds 100-102 of each style and cort seeds 103-114 (cort images hold ~15 cells, ~2 of them wrong)."""
+    return synthetic_images(3, seed0=100) + synthetic_images(12, seed0=103, styles=("cort",))
+
+
 # -- predictions -----------------------------------------------------------------------------------
-def predict(image, cell_type, tta, scales):
-    """Fused raw Instances (with the uncertainty columns) of the weight-free engine under TTA."""
-    from napari_sartorius.classical import ClassicalEngine, ClassicalSettings
+SOURCES = ("multiscale", "flips", "ensemble")
+MULTISCALE = (0.8, 0.9, 1.0, 1.1, 1.25)
+DIAMETER_FACTORS = (0.85, 1.0, 1.15)
+
+
+def predict(image, cell_type, sources):
+    """Fused raw Instances (with the uncertainty columns) of the weight-free engine under ``sources``."""
+    from napari_sartorius.classical import TYPICAL_DIAMETERS, ClassicalEngine, ClassicalSettings
     from napari_sartorius.inference.segment import run_to_completion, segment_image
 
+    if sources == "ensemble":
+        d = TYPICAL_DIAMETERS[cell_type]
+        engines = [ClassicalEngine(ClassicalSettings(cell_type=cell_type, cell_diameter=d * f)) for f in DIAMETER_FACTORS]
+        return run_to_completion(segment_image(image, engines, tta="none"))
     engine = ClassicalEngine(ClassicalSettings(cell_type=cell_type))
-    return run_to_completion(segment_image(image, [engine], tta=tta, scales=scales))
+    scales = MULTISCALE if sources == "multiscale" else None
+    return run_to_completion(segment_image(image, [engine], tta=sources, scales=scales))
 
 
 def cells_of(raw, cell_type):
-    """Post-processed labels and per-cell arrays (score, the uncertainty parts) in label order."""
+    """Post-processed labels and per-cell arrays (score, area, the uncertainty parts, the review
+    priority) in label order."""
+    from napari_sartorius.inference.review_rank import review_priority
     from napari_sartorius.postprocess import PostprocessSettings, postprocess
 
     res = postprocess(raw, PostprocessSettings(cell_type=cell_type))
     f = res.features
-    parts = {k: np.asarray(f[k], np.float64) for k in ("score", "uncertainty", "found", "mask_iou", "score_spread")}
+    parts = {k: np.asarray(f[k], np.float64) for k in ("score", "area", "uncertainty", "found", "mask_iou", "score_spread")}
+    parts["priority"] = review_priority(parts["score"], parts["uncertainty"], parts["area"])
     return res.labels, parts
 
 
@@ -120,6 +146,11 @@ def fix(pred, gt, chosen, over):
     return out
 
 
+def wrong_of(pred, gt):
+    """bool per predicted label (1..K): no true cell at IoU >= 0.5."""
+    return np.array([lst[0][0] if lst else 0.0 for lst in overlaps(pred, gt)]) < 0.5
+
+
 def auroc(values, wrong):
     """Area under the ROC curve of ``values`` for the positives ``wrong`` (ties count half); None when
     one class is absent."""
@@ -138,20 +169,26 @@ def auroc(values, wrong):
 def simulate(items, repeats: int):
     from napari_sartorius.metrics import competition_score
 
-    rows = {"uncertainty": {}, "lowest score": {}, "random": {}}
+    from napari_sartorius.inference.review_rank import flag_top
+
+    rows = {"review priority": {}, "uncertainty": {}, "lowest score": {}, "random": {}}
     base = []
-    all_u, all_s, all_wrong = [], [], []
+    all_p, all_u, all_s, all_wrong, flagged = [], [], [], [], []
     for name, pred, gt, parts in items:
         over = overlaps(pred, gt)
         best = np.array([lst[0][0] if lst else 0.0 for lst in over])
         wrong = best < 0.5
+        all_p.append(parts["priority"])
         all_u.append(parts["uncertainty"])
         all_s.append(1.0 - parts["score"])
         all_wrong.append(wrong)
+        flagged.append({h: wrong[flag_top(v)] for h, v in
+                        (("review priority", parts["priority"]), ("uncertainty", parts["uncertainty"]), ("1 - score", 1.0 - parts["score"]))})
         n = len(best)
         labels = np.arange(1, n + 1)
         base.append(competition_score(pred, gt))
         orders = {
+            "review priority": labels[np.lexsort((labels, -parts["priority"]))],
             "uncertainty": labels[np.lexsort((labels, -parts["uncertainty"]))],
             "lowest score": labels[np.lexsort((labels, parts["score"]))],
         }
@@ -161,25 +198,59 @@ def simulate(items, repeats: int):
             rng = np.random.default_rng(k)
             draws = [competition_score(fix(pred, gt, rng.permutation(labels)[:k], over), gt) for _ in range(repeats)]
             rows["random"].setdefault(k, []).append(float(np.mean(draws)))
-    u, s, w = (np.concatenate(a) if a else np.zeros(0) for a in (all_u, all_s, all_wrong))
+    p, u, s, w = (np.concatenate(a) if a else np.zeros(0) for a in (all_p, all_u, all_s, all_wrong))
     simulate.per_image = [(b, float(np.mean(q["uncertainty"])) if len(q["uncertainty"]) else float("nan"))
                           for b, (*_, q) in zip(base, items)]
+    ranks = {
+        h: (auroc(v, w), top_precision(v, w), v, np.concatenate([f[h] for f in flagged]) if flagged else np.zeros(0, bool))
+        for h, v in (("review priority", p), ("uncertainty", u), ("1 - score", s))
+    }
     return float(np.mean(base)), {h: {k: float(np.mean(v)) for k, v in r.items()} for h, r in rows.items()}, \
-        auroc(u, w), auroc(s, w), int(w.sum()), len(w)
+        ranks, w
 
 
-def print_table(title, items, repeats):
+def top_precision(values, wrong, k: int = 20):
+    """Share of wrong cells among the ``k`` highest ``values`` (ties: the earlier cell first)."""
+    values, wrong = np.asarray(values, np.float64), np.asarray(wrong, bool)
+    if not len(values):
+        return None
+    order = np.lexsort((np.arange(len(values)), -values))[:k]
+    return float(wrong[order].mean())
+
+
+def bootstrap_difference(a, b, wrong, draws: int, seed: int = 0):
+    """Paired bootstrap (cells resampled) 5th and 95th percentiles of AUROC(a) - AUROC(b)."""
+    rng = np.random.default_rng(seed)
+    n = len(wrong)
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, n, n)
+        x, y = auroc(a[i], wrong[i]), auroc(b[i], wrong[i])
+        if x is not None and y is not None:
+            diffs.append(x - y)
+    return (float(np.percentile(diffs, 5)), float(np.percentile(diffs, 95))) if diffs else None
+
+
+def print_table(title, items, repeats, draws=1000):
     if not items:
         print(f"\n{title}: no images")
         return
-    base, rows, au_u, au_s, n_wrong, n = simulate(items, repeats)
-    print(f"\n{title}: {len(items)} image(s), {n} predicted cells, {n_wrong} wrong (no true cell at IoU >= 0.5)")
+    base, rows, ranks, w = simulate(items, repeats)
+    print(f"\n{title}: {len(items)} image(s), {len(w)} predicted cells, {int(w.sum())} wrong (no true cell at IoU >= 0.5)")
     print(f"  competition score before fixing: {base:.3f}")
     print("  cells fixed per image   " + "  ".join(f"k={k:<5d}" for k in KS))
     for how, r in rows.items():
         print(f"  by {how:<20s} " + "  ".join(f"{r[k]:.3f}  " for k in KS))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"  AUROC for 'prediction is wrong': uncertainty {fmt(au_u)}, 1 - score {fmt(au_s)}")
+    print("  AUROC for 'prediction is wrong': " + ", ".join(f"{h} {fmt(r[0])}" for h, r in ranks.items()))
+    print("  precision of the top 20 cells:    " + ", ".join(f"{h} {fmt(r[1])}" for h, r in ranks.items())
+          + f" (base rate {fmt(float(w.mean()) if len(w) else None)})")
+    n_flag = len(ranks["review priority"][3])
+    print(f"  precision of the panel's default flags (top 20 % of each image, >= 5; {n_flag} cells): "
+          + ", ".join(f"{h} {fmt(float(r[3].mean()) if len(r[3]) else None)}" for h, r in ranks.items()))
+    ci = bootstrap_difference(ranks["review priority"][2], ranks["1 - score"][2], w, draws) if draws else None
+    if ci is not None:
+        print(f"  AUROC priority - (1 - score): 90 % bootstrap interval [{ci[0]:+.3f}, {ci[1]:+.3f}] ({draws} draws)")
     pairs = [(b, m) for b, m in simulate.per_image if np.isfinite(m)]
     if len(pairs) >= 3:
         from scipy.stats import spearmanr
@@ -190,13 +261,22 @@ def print_table(title, items, repeats):
 
 
 # -- tuning and cost ---------------------------------------------------------------------------------
+def tune_priority(runs):
+    """Fit the review priority's coefficients on ``runs`` (synthetic only) and print them."""
+    from napari_sartorius.inference.review_rank import PRIORITY_COEFFICIENTS, fit_priority, priority_inputs
+
+    x = np.concatenate([priority_inputs(q["score"], q["uncertainty"], q["area"]) for _, p, _, q in runs if p.max()])
+    wrong = np.concatenate([wrong_of(p, g) for _, p, g, _ in runs if p.max()])
+    b = fit_priority(x, wrong)
+    print(f"\nreview priority fitted on {len(runs)} synthetic image runs, {len(wrong)} cells, {int(wrong.sum())} wrong:")
+    print(f"  PRIORITY_COEFFICIENTS = {b} (stored: {PRIORITY_COEFFICIENTS})")
+
+
 def tune(items):
     """Grid-search the combined value's weights for AUROC on ``items`` (synthetic only)."""
     from napari_sartorius.inference.uncertainty import combine
 
-    wrong = np.concatenate([
-        np.array([lst[0][0] if lst else 0.0 for lst in overlaps(p, g)]) < 0.5 for _, p, g, _ in items
-    ])
+    wrong = np.concatenate([wrong_of(p, g) for _, p, g, _ in items])
     parts = {k: np.concatenate([q[k] for *_, q in items]) for k in ("found", "mask_iou", "score_spread")}
     grid = (0.0, 0.5, 1.0, 2.0, 4.0)
     results = []
@@ -251,38 +331,49 @@ def cost(repeats: int = 5):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tta", default="multiscale", help="TTA mode of the weight-free engine (default multiscale)")
-    ap.add_argument("--scales", default="0.8,0.9,1.0,1.1,1.25", help="scales for multiscale TTA")
+    ap.add_argument("--sources", default="multiscale",
+                    help=f"comma-separated source configurations among {', '.join(SOURCES)} (default multiscale)")
     ap.add_argument("--synthetic", type=int, default=2, help="synthetic images per style (default 2)")
     ap.add_argument("--random-repeats", type=int, default=5)
-    ap.add_argument("--tune", action="store_true", help="tune the combined value on synthetic seeds 100+")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the AUROC interval (0: none)")
+    ap.add_argument("--tune", action="store_true", help="fit the priority (and the uncertainty weights) on synthetic seeds 100+")
     ap.add_argument("--cost", action="store_true", help="time the uncertainty against fusion")
     ap.add_argument("--no-simulation", action="store_true")
     args = ap.parse_args(argv)
-    scales = tuple(float(v) for v in args.scales.split(",")) if args.tta == "multiscale" else None
+    sources = [v.strip() for v in args.sources.split(",") if v.strip()]
+    bad = [v for v in sources if v not in SOURCES]
+    if bad:
+        ap.error(f"--sources: unknown {', '.join(bad)}; choose among {', '.join(SOURCES)}")
+    from napari_sartorius.inference.review_rank import PRIORITY_COEFFICIENTS
     from napari_sartorius.inference.uncertainty import UNCERTAINTY_WEIGHTS
 
-    print(f"weight-free engine, TTA {args.tta}{' ' + str(scales) if scales else ''}; uncertainty weights {UNCERTAINTY_WEIGHTS}")
+    print(f"weight-free engine; uncertainty weights {UNCERTAINTY_WEIGHTS}; priority coefficients {PRIORITY_COEFFICIENTS}")
 
-    def run(images):
+    def run(images, how):
         items = []
         for name, image, gt, ctype in images:
             t0 = time.perf_counter()
-            raw = predict(image, ctype, args.tta, scales)
+            raw = predict(image, ctype, how)
             pred, parts = cells_of(raw, ctype)
             items.append((name, pred, gt, parts))
-            print(f"  {name}: {int(pred.max())} cells ({int(gt.max())} true) in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"  {how} {name}: {int(pred.max())} cells ({int(gt.max())} true) in {time.perf_counter() - t0:.1f} s", flush=True)
         return items
 
     if args.tune:
-        tune(run(synthetic_images(max(args.synthetic, 1), seed0=100)))
+        fits = {how: run(fit_images(), how) for how in SOURCES}
+        tune_priority([it for how in SOURCES for it in fits[how]])
+        tune([it for it in fits["multiscale"] if it[1].max()])
     if not args.no_simulation:
-        real = run(real_images())
-        synth = run(synthetic_images(args.synthetic))
-        print_table("real cort images (../shared/data/real)", real, args.random_repeats)
-        for style in ("cort", "shsy5y", "astro"):
-            print_table(f"synthetic {style}", [it for it in synth if f" {style} " in it[0]], args.random_repeats)
-        print_table("all synthetic", synth, args.random_repeats)
+        for how in sources:
+            desc = {"multiscale": f"5-scale TTA {MULTISCALE}", "flips": "4-flip TTA",
+                    "ensemble": f"3 engines, diameters x {DIAMETER_FACTORS}, no TTA"}[how]
+            print(f"\n===== sources: {how} ({desc}) =====")
+            real = run(real_images(), how)
+            synth = run(synthetic_images(args.synthetic), how)
+            print_table(f"[{how}] real cort images (../shared/data/real)", real, args.random_repeats, args.bootstrap)
+            for style in ("cort", "shsy5y", "astro"):
+                print_table(f"[{how}] synthetic {style}", [it for it in synth if f" {style} " in it[0]], args.random_repeats, 0)
+            print_table(f"[{how}] all synthetic", synth, args.random_repeats, args.bootstrap)
     if args.cost:
         cost()
 
