@@ -1,5 +1,6 @@
 """The review panel of the Segment dock in a real viewer (run under xvfb-run): next / accept / delete /
-counter, review marks and deletions surviving re-renders, edits never overwritten, undefined uncertainty."""
+counter, review marks and deletions surviving re-renders, edits never overwritten, undefined uncertainty,
+the relative default flags and the absolute threshold."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari_sartorius._widgets._review_panel import SHORTCUTS, UNDEFINED, ReviewPanel, _camera
+from napari_sartorius.inference.review_rank import review_priority
 from napari_sartorius._widgets.segment import SegmentCellsWidget
 from napari_sartorius.cell_types import DEFAULT_CLASSES
 from napari_sartorius.instances import Instances
@@ -17,10 +19,22 @@ from napari_sartorius.instances import Instances
 pytestmark = pytest.mark.gui
 
 SHAPE = (120, 160)
-# five square cells (y0, x0, side) with scores (label order) and uncertainties
+# five square cells (y0, x0, side) with scores and uncertainties; their review priorities (areas
+# 144, 196, 100, 256, 144 px, median 144) are about 0.02, 0.49, 0.36, 0.19, 0.04: at P(wrong) >= 0.1 the
+# panel flags (10, 60), (60, 20), (60, 90) in that order
 CELLS = [(10, 10, 12), (10, 60, 14), (60, 20, 10), (60, 90, 16), (90, 130, 12)]
-SCORES = [0.95, 0.9, 0.8, 0.7, 0.6]
-UNCERTAINTY = [0.05, 0.9, 0.5, 0.3, 0.1]  # flagged at 0.2: labels 2, 3, 4 (in that order of uncertainty)
+SCORES = [0.95, 0.4, 0.8, 0.6, 0.9]
+UNCERTAINTY = [0.05, 0.7, 0.3, 0.5, 0.1]
+PRIORITY = review_priority(SCORES, UNCERTAINTY, [s * s for _, _, s in CELLS])
+
+
+def flag_at(panel, threshold=0.1):
+    panel.flag_mode.value = "at"
+    panel.threshold.value = threshold
+
+
+def test_the_fixture_priorities():
+    np.testing.assert_allclose(PRIORITY, [0.017, 0.488, 0.364, 0.191, 0.039], atol=0.002)
 
 
 def raw_cells(with_uncertainty=True) -> Instances:
@@ -46,7 +60,7 @@ def viewer_and_dock(make_napari_viewer):
     for row in dock.class_rows:
         row.score.value = 0.0
         row.min_area.value = 0
-    dock.review.threshold.value = 0.2
+    flag_at(dock.review)
     return viewer, dock, image
 
 
@@ -66,20 +80,21 @@ def test_next_accept_delete_and_the_counter(viewer_and_dock):
     assert panel.counter.value == "reviewed 0 of 3 flagged"
 
     first = panel.next_cell()
-    assert cell_of(layer, first) == (10, 60)  # uncertainty 0.9
+    assert cell_of(layer, first) == (10, 60)  # priority 0.49
+    assert panel.cell_info.value.startswith(f"cell {first}: P(wrong) 0.49, score 0.40, uncertainty 0.70, 196 px")
     assert layer.selected_label == first
     assert np.allclose(_camera(viewer).center[-2:], (10 + 6.5, 60 + 6.5), atol=0.6)
     assert _camera(viewer).zoom > 1.0
 
     second = panel.accept()
-    assert cell_of(layer, second) == (60, 20)  # uncertainty 0.5
+    assert cell_of(layer, second) == (60, 20)  # priority 0.36
     assert bool(layer.features.set_index("label").loc[first, "reviewed"])
     assert panel.counter.value.startswith("reviewed 1 of 3 flagged")
 
     third = panel.delete()
     assert cell_of(layer, second) is None, "the deleted cell's pixels are gone"
     assert second not in set(layer.features["label"])
-    assert cell_of(layer, third) == (60, 90)  # uncertainty 0.3
+    assert cell_of(layer, third) == (60, 90)  # priority 0.19
     assert panel.counter.value.startswith("reviewed 1 of 2 flagged")
     assert not dock.layer_was_edited(), "a deletion from the panel is not a hand edit"
 
@@ -157,8 +172,9 @@ def test_other_layers_are_reviewed_in_place(make_napari_viewer):
         features={"index": [1, 2], "label": [1, 2], "uncertainty": [0.3, 0.8], "reviewed": [False, False]},
     )
     panel.layer.value = read
+    assert panel.flag_mode.value == "top"  # the default: all of these two, fewer than a handful
     assert panel.counter.value == "reviewed 0 of 2 flagged"
-    assert panel.next_cell() == 2
+    assert panel.next_cell() == 2  # no score column, equal areas: the more uncertain one first
     assert panel.accept() == 1
     assert panel.delete() is None
     assert not np.any(read.data == 1) and np.any(read.data == 3)
@@ -185,7 +201,8 @@ def test_shortcuts_and_uncertain_points(viewer_and_dock):
     dock.set_predictions([raw_cells()], DEFAULT_CLASSES, image)  # a fresh result: nothing reviewed
     pts = panel.mark_uncertain()
     assert pts is not None and len(pts.data) == 3
-    np.testing.assert_allclose(sorted(pts.features["uncertainty"]), [0.3, 0.5, 0.9], atol=1e-6)
+    np.testing.assert_allclose(sorted(pts.features["uncertainty"]), [0.3, 0.5, 0.7], atol=1e-6)
+    np.testing.assert_allclose(sorted(pts.features["priority"]), sorted(PRIORITY[1:4]), atol=1e-6)
     panel.next_cell()
     panel.accept()
     assert len(panel.mark_uncertain().data) == 2
@@ -209,11 +226,13 @@ def test_a_run_with_tta_fills_the_queue(qtbot, make_napari_viewer):
     assert len(feats) > 0
     assert {"uncertainty", "found", "mask_iou", "score_spread", "reviewed"} <= set(feats.columns)
     assert feats["uncertainty"].between(0, 1).all() and not feats.isna().any().any()
-    assert dock.review.counter.value.startswith("reviewed 0 of ")
-    dock.review.threshold.value = 0.0  # every cell flagged
-    assert dock.review.counter.value == f"reviewed 0 of {len(feats)} flagged"
+    n = len(feats)
+    assert dock.review.counter.value == f"reviewed 0 of {min(n, max(5, -(-n // 5)))} flagged"
+    flag_at(dock.review, 0.0)  # every cell flagged
+    assert dock.review.counter.value == f"reviewed 0 of {n} flagged"
     first = dock.review.next_cell()
-    assert first == int(feats.sort_values(["uncertainty", "label"], ascending=[False, True])["label"].iloc[0])
+    p = review_priority(feats["score"], feats["uncertainty"], feats["area"])
+    assert first == int(feats["label"].to_numpy()[np.lexsort((feats["label"].to_numpy(), -p))[0]])
 
 
 def test_review_of_a_stack_moves_the_slider_to_the_cells_plane(make_napari_viewer):
@@ -223,8 +242,9 @@ def test_review_of_a_stack_moves_the_slider_to_the_cells_plane(make_napari_viewe
     for row in dock.class_rows:
         row.score.value = 0.0
         row.min_area.value = 0
-    dock.review.threshold.value = 0.2
+    flag_at(dock.review)
     calm = raw_cells()
+    calm.scores = np.full(len(CELLS), 0.99, np.float32)
     calm.columns = {"uncertainty": np.zeros(len(CELLS), np.float32)}
     dock.set_predictions([calm, raw_cells()], DEFAULT_CLASSES, image, lead_shape=(2,))
     layer = dock.labels_layer
@@ -251,3 +271,38 @@ def test_finetune_pairs_can_be_ordered_by_uncertainty(make_napari_viewer):
     hand = viewer.add_labels(lab, name="hand")
     pairs = [(img, hand), (img, calm), (img, wild)]
     assert [p[1].name for p in order_pairs_by_uncertainty(pairs)] == ["wild", "calm", "hand"]
+
+
+def test_the_default_flags_a_share_of_the_cells_and_says_so(make_napari_viewer):
+    """Flips-like agreement (uncertainty ~0 everywhere): an absolute threshold flags nothing, the default
+    top 20 % always flags a handful, ranked by priority; the absolute threshold is still there."""
+    viewer = make_napari_viewer()
+    labels = np.zeros((60, 200), np.uint16)
+    for k in range(30):  # 30 cells of 8 x 5 px in a row, every other column
+        y, x = 5 + 25 * (k % 2), 6 * k
+        labels[y : y + 8, x : x + 5] = k + 1
+    rng = np.random.default_rng(0)
+    score = np.round(rng.uniform(0.6, 0.99, 30), 3)
+    unc = np.round(rng.uniform(0.0, 0.03, 30), 3)
+    layer = viewer.add_labels(
+        labels, name="calm", features={"label": np.arange(1, 31), "score": score, "area": np.full(30, 40), "uncertainty": unc}
+    )
+    panel = ReviewPanel(viewer)
+    panel.layer.value = layer
+    assert panel.flag_mode.value == "top" and panel.top_percent.value == 20.0
+    assert not panel.top_percent.native.isHidden() and panel.threshold.native.isHidden()
+    assert panel.counter.value == "reviewed 0 of 6 flagged"
+    assert panel.flag_info.value == "flagging 6 of 30 cells: the top 20 % most likely wrong (at least 5)"
+    p = review_priority(score, unc, np.full(30, 40))
+    expected = (np.lexsort((np.arange(1, 31), -p))[:6] + 1).tolist()
+    assert panel.queue()[0] == expected
+    assert panel.next_cell() == expected[0]
+    panel.top_percent.value = 50.0
+    assert panel.counter.value.startswith("reviewed 0 of 15 flagged")
+    panel.flag_mode.value = "at"
+    assert not panel.threshold.native.isHidden() and panel.top_percent.native.isHidden()
+    panel.threshold.value = 0.5
+    assert panel.counter.value.startswith(f"reviewed 0 of {int(np.count_nonzero(p >= 0.5))} flagged")
+    assert panel.flag_info.value == f"flagging {int(np.count_nonzero(p >= 0.5))} of 30 cells: P(wrong) >= 0.50"
+    panel.threshold.value = 0.99
+    assert panel.counter.value.startswith("reviewed 0 of 0 flagged")

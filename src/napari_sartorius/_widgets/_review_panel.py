@@ -1,12 +1,27 @@
-"""The review panel of the Segment dock: visit the most uncertain cells first, accept, delete or edit.
+"""The review panel of the Segment dock: visit the cells most likely wrong first, accept, delete or edit.
 
 A Labels layer is reviewable when its features table has an ``uncertainty`` column (fusion of two
 sources or more: several models, or one model with TTA; see
-:mod:`napari_sartorius.inference.uncertainty`). A cell is *flagged* when its uncertainty is at least
-the panel's threshold; "Next uncertain cell" (key ``Alt-N``) centres and zooms the viewer on the most
-uncertain flagged cell not yet reviewed (ties: the lower label id) and selects its label, so napari's
-paint / erase / fill tools edit it at once. "Accept" (``Alt-A``) marks it reviewed, "Delete" (``Alt-D``)
-removes it; both go on to the next one. The counter says "reviewed 12 of 40 flagged".
+:mod:`napari_sartorius.inference.uncertainty`). Its cells are ranked by their *review priority*, the
+estimated probability that the cell is wrong, from its score, its uncertainty and its area relative to
+the image's median (:func:`napari_sartorius.inference.review_rank.review_priority`; the uncertainty
+alone ranked wrong cells worse than the score on real images). Areas are counted on the layer's pixels,
+so they follow edits.
+
+Which cells are *flagged* (the "Flag" choice, said in words under it):
+
+- **top %** (the default): the ``Top %`` share of the cells present (20 %, rounded up), at least
+  :data:`~napari_sartorius.inference.review_rank.MIN_FLAGGED` (5) or all when fewer. It always flags a
+  useful handful, whatever the engine's level of disagreement (with flips TTA a weight-free engine
+  often agrees with itself on every cell, and an absolute threshold on the uncertainty flagged nothing);
+- **P(wrong) at least**: cells whose priority is at least ``Flag at`` (an absolute threshold).
+
+"Next cell to review" (key ``Alt-N``) centres and zooms the viewer on the flagged cell of highest
+priority not yet reviewed (ties: the lower label id) and selects its label, so napari's paint / erase /
+fill tools edit it at once; a line under the buttons gives its priority, score, uncertainty and area.
+"Accept" (``Alt-A``) marks it reviewed, "Delete" (``Alt-D``) removes it; both go on to the next one.
+The counter says "reviewed 12 of 40 flagged". Reviewed cells stay flagged (the share is of the cells
+present, reviewed or not); deleting cells shrinks it.
 
 Where the state lives: the ``reviewed`` column of the layer's features (exported with COCO JSON).
 For the dock's own, unedited result layer the dock also records the review against its raw
@@ -16,8 +31,8 @@ place: the panel changes only their features and, on Delete, the deleted cell's 
 a features row (painted by hand) have no uncertainty and are never flagged. A layer without an
 uncertainty column (one model without TTA, other plugins' labels) says "uncertainty undefined".
 
-"Mark uncertain cells" adds (or updates) a Points layer ``"<labels> uncertain"`` with one point per
-flagged cell not yet reviewed, coloured by its uncertainty.
+"Mark flagged cells" adds (or updates) a Points layer ``"<labels> uncertain"`` with one point per
+flagged cell not yet reviewed, coloured by its priority.
 """
 
 from __future__ import annotations
@@ -27,13 +42,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import Container, FloatSpinBox, Label, PushButton
 
+from ..inference.review_rank import DEFAULT_TOP_PERCENT, MIN_FLAGGED, flag_at, flag_top, priority_of_table
+
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["ReviewPanel", "RenderedReview", "DEFAULT_FLAG_THRESHOLD", "SHORTCUTS", "order_pairs_by_uncertainty"]
+__all__ = [
+    "ReviewPanel",
+    "RenderedReview",
+    "FLAG_MODES",
+    "DEFAULT_FLAG_MODE",
+    "DEFAULT_FLAG_THRESHOLD",
+    "SHORTCUTS",
+    "order_pairs_by_uncertainty",
+]
 
-#: Cells with an uncertainty at or above this are flagged for review (see bench_review.py).
-DEFAULT_FLAG_THRESHOLD = 0.2
+#: The "Flag" choices: (text shown, value).
+FLAG_MODES = (("top % of the cells", "top"), ("P(wrong) at least", "at"))
+DEFAULT_FLAG_MODE = "top"
+#: The absolute threshold's default: cells estimated more likely wrong than right.
+DEFAULT_FLAG_THRESHOLD = 0.5
 #: Keyboard shortcuts bound on the viewer.
 SHORTCUTS = {"next": "Alt-N", "accept": "Alt-A", "delete": "Alt-D"}
 UNDEFINED = (
@@ -116,19 +144,32 @@ class ReviewPanel(Container):
         self._dock = dock
         self.current: int | None = None
         self.layer = ComboBox(label="Review", choices=self._labels_choices, nullable=True)
+        self.flag_mode = ComboBox(
+            label="Flag", choices=list(FLAG_MODES), value=DEFAULT_FLAG_MODE,
+            tooltip="which cells to review: a share of the cells most likely wrong, or those above a threshold",
+        )
+        self.top_percent = FloatSpinBox(
+            label="Top %", value=DEFAULT_TOP_PERCENT, min=1.0, max=100.0, step=5.0,
+            tooltip=f"flag this share of the cells, those most likely wrong (at least {MIN_FLAGGED})",
+        )
         self.threshold = FloatSpinBox(
             label="Flag at", value=DEFAULT_FLAG_THRESHOLD, min=0.0, max=1.0, step=0.05,
-            tooltip="cells whose uncertainty is at least this are flagged for review",
+            tooltip="flag the cells whose estimated probability of being wrong is at least this",
         )
-        self.next_button = PushButton(text=f"Next uncertain cell ({SHORTCUTS['next']})")
+        self.flag_info = Label(value="")
+        self.next_button = PushButton(text=f"Next cell to review ({SHORTCUTS['next']})")
         self.accept_button = PushButton(text=f"Accept ({SHORTCUTS['accept']})")
         self.delete_button = PushButton(text=f"Delete ({SHORTCUTS['delete']})")
-        self.mark_button = PushButton(text="Mark uncertain cells")
+        self.mark_button = PushButton(text="Mark flagged cells")
+        self.cell_info = Label(value="")
         self.counter = Label(value="")
         buttons = Container(layout="horizontal", labels=False, widgets=[self.accept_button, self.delete_button])
         buttons.margins = (0, 0, 0, 0)
         super().__init__(
-            widgets=[self.layer, self.threshold, self.next_button, buttons, self.mark_button, self.counter]
+            widgets=[
+                self.layer, self.flag_mode, self.top_percent, self.threshold, self.flag_info,
+                self.next_button, buttons, self.cell_info, self.mark_button, self.counter,
+            ]
         )
         self.margins = (0, 0, 0, 0)
         self.next_button.changed.connect(lambda *_: self.next_cell())
@@ -136,6 +177,8 @@ class ReviewPanel(Container):
         self.delete_button.changed.connect(lambda *_: self.delete())
         self.mark_button.changed.connect(lambda *_: self.mark_uncertain())
         self.layer.changed.connect(self._on_layer_changed)
+        self.flag_mode.changed.connect(lambda *_: self.refresh())
+        self.top_percent.changed.connect(lambda *_: self.refresh())
         self.threshold.changed.connect(lambda *_: self.refresh())
         ev = viewer.layers.events
         for e in (ev.inserted, ev.removed):
@@ -187,33 +230,81 @@ class ReviewPanel(Container):
         df = _frame(layer.features)
         return df, "uncertainty" in df.columns and "label" in df.columns
 
+    def ranking(self) -> dict | None:
+        """The reviewable cells of the layer (those with a features row whose label is in its data), or
+        None when the uncertainty is undefined: a dict of ``(n,)`` arrays ``label``, ``priority``,
+        ``score`` (NaN when absent), ``uncertainty``, ``area`` (px, counted on the layer), ``reviewed``,
+        ``flagged``, plus ``median_area``."""
+        df, ok = self._table()
+        if not ok:
+            return None
+        labels = df["label"].to_numpy(np.int64)
+        ids, counts = np.unique(np.asarray(self.layer.value.data), return_counts=True)
+        pos = np.clip(np.searchsorted(ids, labels), 0, max(len(ids) - 1, 0))
+        present = (ids[pos] == labels) & (labels != 0) if len(ids) else np.zeros(len(labels), bool)
+        rows = df[present].reset_index(drop=True)
+        area = counts[pos[present]].astype(np.float64)
+        priority = priority_of_table(rows, area=area) if len(rows) else np.zeros(0)
+        reviewed = rows["reviewed"].to_numpy(bool) if "reviewed" in rows.columns else np.zeros(len(rows), bool)
+        if self.flag_mode.value == "at":
+            flagged = flag_at(priority, float(self.threshold.value))
+        else:
+            flagged = flag_top(priority, float(self.top_percent.value))
+        return {
+            "label": rows["label"].to_numpy(np.int64),
+            "priority": priority,
+            "score": rows["score"].to_numpy(np.float64) if "score" in rows.columns else np.full(len(rows), np.nan),
+            "uncertainty": rows["uncertainty"].to_numpy(np.float64),
+            "area": area,
+            "reviewed": reviewed,
+            "flagged": flagged,
+            "median_area": float(np.median(area)) if len(area) else 0.0,
+        }
+
     def queue(self) -> tuple[list[int], int, int]:
-        """``(unreviewed flagged labels, most uncertain first; reviewed count; flagged count)``.
+        """``(unreviewed flagged labels, highest priority first; reviewed count; flagged count)``.
 
         Only cells still present in the layer's data count."""
-        df, ok = self._table()
-        if not ok or len(df) == 0:
+        r = self.ranking()
+        if r is None or not len(r["label"]):
             return [], 0, 0
-        labels = df["label"].to_numpy(np.int64)
-        u = df["uncertainty"].to_numpy(np.float64)
-        reviewed = df["reviewed"].to_numpy(bool) if "reviewed" in df.columns else np.zeros(len(df), bool)
-        present = np.isin(labels, np.unique(np.asarray(self.layer.value.data)))
-        flagged = np.isfinite(u) & (u >= float(self.threshold.value)) & present
+        flagged, reviewed, labels, p = r["flagged"], r["reviewed"], r["label"], r["priority"]
         todo = flagged & ~reviewed
-        order = np.lexsort((labels[todo], -u[todo]))
+        order = np.lexsort((labels[todo], -p[todo]))
         return labels[todo][order].tolist(), int(np.count_nonzero(flagged & reviewed)), int(np.count_nonzero(flagged))
 
+    def _flag_text(self, r: dict) -> str:
+        n, k = len(r["label"]), int(np.count_nonzero(r["flagged"]))
+        if self.flag_mode.value == "at":
+            return f"flagging {k} of {n} cells: P(wrong) >= {float(self.threshold.value):.2f}"
+        return (f"flagging {k} of {n} cells: the top {float(self.top_percent.value):g} % most likely wrong "
+                f"(at least {MIN_FLAGGED})")
+
+    def _cell_text(self, r: dict, label: int) -> str:
+        hit = np.flatnonzero(r["label"] == label)
+        if not hit.size:
+            return ""
+        i = int(hit[0])
+        score = "" if not np.isfinite(r["score"][i]) else f", score {r['score'][i]:.2f}"
+        return (f"cell {label}: P(wrong) {r['priority'][i]:.2f}{score}, uncertainty {r['uncertainty'][i]:.2f}, "
+                f"{r['area'][i]:.0f} px (median {r['median_area']:.0f})")
+
     def refresh(self) -> None:
-        """Update the counter and the buttons."""
+        """Update the flag line, the counter, the current cell's line and the buttons."""
+        at = self.flag_mode.value == "at"
+        self.top_percent.visible, self.threshold.visible = not at, at
         df, ok = self._table()
+        r = self.ranking() if ok else None
         if df is None:
             self.counter.value = "no Labels layer to review"
-        elif not ok:
+        elif r is None:
             self.counter.value = UNDEFINED
         else:
             todo, done, flagged = self.queue()
             where = f"; at cell {self.current}" if self.current is not None else ""
             self.counter.value = f"reviewed {done} of {flagged} flagged{where}"
+        self.flag_info.value = self._flag_text(r) if r is not None else ""
+        self.cell_info.value = self._cell_text(r, self.current) if r is not None and self.current is not None else ""
         self.next_button.enabled = bool(ok)
         has_cell = bool(ok) and self.current is not None
         self.accept_button.enabled = has_cell
@@ -221,7 +312,7 @@ class ReviewPanel(Container):
 
     # -- actions ------------------------------------------------------------------------------
     def next_cell(self) -> int | None:
-        """Go to the most uncertain flagged cell not yet reviewed; returns its label (None: all done)."""
+        """Go to the flagged cell of highest priority not yet reviewed; returns its label (None: all done)."""
         todo, _, _ = self.queue()
         if not todo:
             self.current = None
@@ -292,7 +383,8 @@ class ReviewPanel(Container):
         layer.features = df
 
     def mark_uncertain(self):
-        """Add or update the Points layer of flagged, unreviewed cells; returns it (None: nothing flagged)."""
+        """Add or update the Points layer of flagged, unreviewed cells, coloured by priority; returns it
+        (None: nothing flagged)."""
         from scipy import ndimage
 
         todo, _, _ = self.queue()
@@ -304,9 +396,14 @@ class ReviewPanel(Container):
             return None
         data = np.asarray(layer.data)
         centres = np.asarray(ndimage.center_of_mass(data > 0, data, todo), np.float64).reshape(len(todo), -1)
-        df = _frame(layer.features)
-        u = df.set_index("label").loc[todo, "uncertainty"].to_numpy(np.float64)
-        features = {"label": np.asarray(todo, np.int64), "uncertainty": u}
+        r = self.ranking()
+        row = {int(lab): i for i, lab in enumerate(r["label"])}
+        idx = np.array([row[int(t)] for t in todo], np.int64)
+        features = {
+            "label": np.asarray(todo, np.int64),
+            "priority": r["priority"][idx],
+            "uncertainty": r["uncertainty"][idx],
+        }
         kwargs = dict(scale=layer.scale, translate=layer.translate)
         if name in self._viewer.layers:
             pts = self._viewer.layers[name]
@@ -314,7 +411,7 @@ class ReviewPanel(Container):
             pts.features = features
         else:
             pts = self._viewer.add_points(
-                centres, name=name, features=features, size=6, face_color="uncertainty",
+                centres, name=name, features=features, size=6, face_color="priority",
                 face_colormap="plasma", border_width=0, **kwargs,
             )
             self._viewer.layers.selection.active = layer
