@@ -81,7 +81,7 @@ def test_next_accept_delete_and_the_counter(viewer_and_dock):
 
     first = panel.next_cell()
     assert cell_of(layer, first) == (10, 60)  # priority 0.49
-    assert panel.cell_info.value.startswith(f"cell {first}: P(wrong) 0.49, score 0.40, uncertainty 0.70, 196 px")
+    assert panel.cell_info.value.startswith(f"cell {first}: P(wrong) 0.49, score 0.40, uncertainty 0.70, area 196 px")
     assert layer.selected_label == first
     assert np.allclose(_camera(viewer).center[-2:], (10 + 6.5, 60 + 6.5), atol=0.6)
     assert _camera(viewer).zoom > 1.0
@@ -205,7 +205,8 @@ def test_shortcuts_and_uncertain_points(viewer_and_dock):
     np.testing.assert_allclose(sorted(pts.features["priority"]), sorted(PRIORITY[1:4]), atol=1e-6)
     panel.next_cell()
     panel.accept()
-    assert len(panel.mark_uncertain().data) == 2
+    assert len(pts.data) == 2, "the marks follow the queue"
+    assert panel.mark_uncertain() is pts and len(pts.data) == 2
 
 
 def test_a_run_with_tta_fills_the_queue(qtbot, make_napari_viewer):
@@ -292,7 +293,7 @@ def test_the_default_flags_a_share_of_the_cells_and_says_so(make_napari_viewer):
     assert panel.flag_mode.value == "top" and panel.top_percent.value == 20.0
     assert not panel.top_percent.native.isHidden() and panel.threshold.native.isHidden()
     assert panel.counter.value == "reviewed 0 of 6 flagged"
-    assert panel.flag_info.value == "flagging 6 of 30 cells: the top 20 % most likely wrong (at least 5)"
+    assert panel.flag_info.value == "6 of 30 cells flagged: the 20 % most likely wrong (at least 5)"
     p = review_priority(score, unc, np.full(30, 40))
     expected = (np.lexsort((np.arange(1, 31), -p))[:6] + 1).tolist()
     assert panel.queue()[0] == expected
@@ -303,6 +304,6 @@ def test_the_default_flags_a_share_of_the_cells_and_says_so(make_napari_viewer):
     assert not panel.threshold.native.isHidden() and panel.top_percent.native.isHidden()
     panel.threshold.value = 0.5
     assert panel.counter.value.startswith(f"reviewed 0 of {int(np.count_nonzero(p >= 0.5))} flagged")
-    assert panel.flag_info.value == f"flagging {int(np.count_nonzero(p >= 0.5))} of 30 cells: P(wrong) >= 0.50"
+    assert panel.flag_info.value == f"{int(np.count_nonzero(p >= 0.5))} of 30 cells flagged: P(wrong) >= 0.50"
     panel.threshold.value = 0.99
     assert panel.counter.value.startswith("reviewed 0 of 0 flagged")

@@ -20,8 +20,10 @@ Which cells are *flagged* (the "Flag" choice, said in words under it):
 priority not yet reviewed (ties: the lower label id) and selects its label, so napari's paint / erase /
 fill tools edit it at once; a line under the buttons gives its priority, score, uncertainty and area.
 "Accept" (``Alt-A``) marks it reviewed, "Delete" (``Alt-D``) removes it; both go on to the next one.
-The counter says "reviewed 12 of 40 flagged". Reviewed cells stay flagged (the share is of the cells
-present, reviewed or not); deleting cells shrinks it.
+The counter says "reviewed 12 of 40 flagged". The share is of the cells present, reviewed or not, so
+accepting a cell changes no flag; a deleted cell leaves the layer, and when the share (or the minimum
+of 5) then reaches further down, the next most likely wrong cell joins the queue: after deleting
+false cells the queue goes on until that many cells are confirmed.
 
 Where the state lives: the ``reviewed`` column of the layer's features (exported with COCO JSON).
 For the dock's own, unedited result layer the dock also records the review against its raw
@@ -32,7 +34,7 @@ a features row (painted by hand) have no uncertainty and are never flagged. A la
 uncertainty column (one model without TTA, other plugins' labels) says "uncertainty undefined".
 
 "Mark flagged cells" adds (or updates) a Points layer ``"<labels> uncertain"`` with one point per
-flagged cell not yet reviewed, coloured by its priority.
+flagged cell not yet reviewed, coloured by its priority; once there, it follows every step of the queue.
 """
 
 from __future__ import annotations
@@ -157,12 +159,14 @@ class ReviewPanel(Container):
             tooltip="flag the cells whose estimated probability of being wrong is at least this",
         )
         self.flag_info = Label(value="")
+        self.cell_info = Label(value="")
+        self.counter = Label(value="")
+        for lab in (self.flag_info, self.cell_info):  # long lines wrap instead of widening the dock
+            lab.native.setWordWrap(True)
         self.next_button = PushButton(text=f"Next cell to review ({SHORTCUTS['next']})")
         self.accept_button = PushButton(text=f"Accept ({SHORTCUTS['accept']})")
         self.delete_button = PushButton(text=f"Delete ({SHORTCUTS['delete']})")
         self.mark_button = PushButton(text="Mark flagged cells")
-        self.cell_info = Label(value="")
-        self.counter = Label(value="")
         buttons = Container(layout="horizontal", labels=False, widgets=[self.accept_button, self.delete_button])
         buttons.margins = (0, 0, 0, 0)
         super().__init__(
@@ -276,9 +280,8 @@ class ReviewPanel(Container):
     def _flag_text(self, r: dict) -> str:
         n, k = len(r["label"]), int(np.count_nonzero(r["flagged"]))
         if self.flag_mode.value == "at":
-            return f"flagging {k} of {n} cells: P(wrong) >= {float(self.threshold.value):.2f}"
-        return (f"flagging {k} of {n} cells: the top {float(self.top_percent.value):g} % most likely wrong "
-                f"(at least {MIN_FLAGGED})")
+            return f"{k} of {n} cells flagged: P(wrong) >= {float(self.threshold.value):.2f}"
+        return f"{k} of {n} cells flagged: the {float(self.top_percent.value):g} % most likely wrong (at least {MIN_FLAGGED})"
 
     def _cell_text(self, r: dict, label: int) -> str:
         hit = np.flatnonzero(r["label"] == label)
@@ -287,7 +290,7 @@ class ReviewPanel(Container):
         i = int(hit[0])
         score = "" if not np.isfinite(r["score"][i]) else f", score {r['score'][i]:.2f}"
         return (f"cell {label}: P(wrong) {r['priority'][i]:.2f}{score}, uncertainty {r['uncertainty'][i]:.2f}, "
-                f"{r['area'][i]:.0f} px (median {r['median_area']:.0f})")
+                f"area {r['area'][i]:.0f} px (median {r['median_area']:.0f})")
 
     def refresh(self) -> None:
         """Update the flag line, the counter, the current cell's line and the buttons."""
@@ -314,6 +317,7 @@ class ReviewPanel(Container):
     def next_cell(self) -> int | None:
         """Go to the flagged cell of highest priority not yet reviewed; returns its label (None: all done)."""
         todo, _, _ = self.queue()
+        self._update_marks()
         if not todo:
             self.current = None
             self.refresh()
@@ -324,6 +328,15 @@ class ReviewPanel(Container):
         self._go_to(self.current)
         self.refresh()
         return self.current
+
+    def _marks_name(self) -> str:
+        layer = self.layer.value
+        return f"{layer.name} uncertain" if layer is not None else "uncertain cells"
+
+    def _update_marks(self) -> None:
+        """Keep the Points layer of "Mark flagged cells" (when there is one) in step with the queue."""
+        if self.layer.value is not None and self._marks_name() in self._viewer.layers:
+            self.mark_uncertain()
 
     def _go_to(self, label: int) -> None:
         layer = self.layer.value
@@ -389,7 +402,7 @@ class ReviewPanel(Container):
 
         todo, _, _ = self.queue()
         layer = self.layer.value
-        name = f"{layer.name} uncertain" if layer is not None else "uncertain cells"
+        name = self._marks_name()
         if not todo:
             if name in self._viewer.layers:
                 self._viewer.layers[name].data = np.zeros((0, np.asarray(layer.data).ndim))

@@ -16,7 +16,7 @@ Live controls:
     :func:`napari_sartorius.postprocess.postprocess`, never through a model.
 
 Review: with several models or TTA every cell has an uncertainty (a features column); the embedded
-:class:`~napari_sartorius._widgets._review_panel.ReviewPanel` visits the most uncertain cells first.
+:class:`~napari_sartorius._widgets._review_panel.ReviewPanel` visits the cells most likely wrong first.
 Its accept / delete marks on the dock's unedited result layer are recorded against the raw predictions
 (``reviewed`` column, deleted cells excluded from post-processing), so re-renders keep them.
 
@@ -286,7 +286,7 @@ class SegmentCellsWidget(Container):
                 self.max_overlap,
                 self.fill_holes,
                 self.keep_largest,
-                Label(value="<b>Review</b> (most uncertain cells first)"),
+                Label(value="<b>Review</b> (cells most likely wrong first)"),
                 self.review,
                 Label(value="<b>Export</b>"),
                 self.export_layer,
