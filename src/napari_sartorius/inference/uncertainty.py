@@ -23,6 +23,10 @@ with ``(a, b, c) = UNCERTAINTY_WEIGHTS``, tuned on synthetic images only
 score; 1 means no source's mask matches the fused one. It is *undefined* with fewer than two sources
 (one model without TTA): there is nothing to disagree, and the column is then left out, never NaN.
 
+The review queue does not rank cells by this value alone: on real images it ranked wrong cells worse
+than the plain score. It ranks them by :func:`napari_sartorius.inference.review_rank.review_priority`,
+an estimated probability that the cell is wrong from its score, this uncertainty and its area.
+
 The module also holds what the review queue and the folder run need: :func:`image_summary` (cell
 count, mean and 90th-percentile uncertainty of one image), :func:`write_summary_csv` (``summary.csv``)
 and :func:`order_by_uncertainty` (which image/labels pairs to correct first).
