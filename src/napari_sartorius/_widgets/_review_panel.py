@@ -265,11 +265,11 @@ class ReviewPanel(Container):
             "median_area": float(np.median(area)) if len(area) else 0.0,
         }
 
-    def queue(self) -> tuple[list[int], int, int]:
+    def queue(self, ranking: dict | None = None) -> tuple[list[int], int, int]:
         """``(unreviewed flagged labels, highest priority first; reviewed count; flagged count)``.
 
-        Only cells still present in the layer's data count."""
-        r = self.ranking()
+        Only cells still present in the layer's data count. ``ranking``: a fresh :meth:`ranking` to reuse."""
+        r = ranking if ranking is not None else self.ranking()
         if r is None or not len(r["label"]):
             return [], 0, 0
         flagged, reviewed, labels, p = r["flagged"], r["reviewed"], r["label"], r["priority"]
@@ -303,7 +303,7 @@ class ReviewPanel(Container):
         elif r is None:
             self.counter.value = UNDEFINED
         else:
-            todo, done, flagged = self.queue()
+            todo, done, flagged = self.queue(r)
             where = f"; at cell {self.current}" if self.current is not None else ""
             self.counter.value = f"reviewed {done} of {flagged} flagged{where}"
         self.flag_info.value = self._flag_text(r) if r is not None else ""
