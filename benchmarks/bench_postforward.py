@@ -16,7 +16,8 @@ Prints, per image (median of ``--repeats``):
 * ``segment_folder`` (the ``segment`` command's engine) on a folder of ``--images`` PNGs with one engine
   without TTA: seconds per image (label images, RLE, JSON lines, merge, summary.csv).
 
-``--profile`` adds a cProfile listing (top 25 by cumulative time) of the 3 x 4 run.
+Times are the process's CPU time (``time.process_time``: the machine may be shared; run with
+``OMP_NUM_THREADS=1``). ``--profile`` adds a cProfile listing (top 25 by cumulative time) of the 3 x 4 run.
 
     python benchmarks/bench_postforward.py [--models 3] [--detections 1000] [--repeats 3] [--profile]
 """
@@ -117,9 +118,9 @@ class CannedEngine:
 def median_time(fn, repeats: int):
     times, result = [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         result = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times), result
 
 
@@ -134,11 +135,11 @@ def ensemble_figures(image, engines, repeats: int, profile: bool) -> None:
 
     def timed(name, fn):
         def call(*a, **k):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                sections[name] += time.perf_counter() - t0
+                sections[name] += time.process_time() - t0
         return call
 
     def run():
