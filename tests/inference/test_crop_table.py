@@ -180,3 +180,31 @@ def test_fusion_with_uncertainty_equals_the_per_cluster_loops(method, monkeypatc
     assert set(got.columns) == set(want.columns) == {"uncertainty", "found", "mask_iou", "score_spread"}
     for name in want.columns:
         np.testing.assert_array_equal(got.columns[name], want.columns[name], err_msg=name)
+
+
+@pytest.mark.parametrize("iou_thr", [0.0, 0.3, 0.55, 0.8, -0.1])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wbf_clustering_on_a_grid_equals_the_dense_loop(iou_thr, seed):
+    from fusion_reference import reference_cluster_wbf
+
+    from napari_sartorius.inference.fusion_methods import cluster_wbf
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    centres = rng.uniform(0, 300, (60, 2))[rng.integers(0, 60, n)]
+    half = rng.uniform(2, 15, (n, 2))
+    b = np.concatenate([centres - half, centres + half], 1) + rng.normal(0, 1.5, (n, 4))
+    b = np.concatenate([np.minimum(b[:, :2], b[:, 2:] - 0.5), b[:, 2:]], 1)
+    b[50:60] = b[40:50]  # identical boxes
+    key = rng.random(n)
+    key[100:120] = 0.5  # tied keys
+    b = b[np.argsort(-key, kind="stable")]
+    key = key[np.argsort(-key, kind="stable")]
+    src = rng.integers(0, 4, n)
+    weights = np.array([1.0, 2.0, 1.0, 0.5])
+    w = weights[src]
+    for conf_type in ("avg", "max", "box_and_model_avg"):
+        got = cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, False)
+        want = reference_cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, False)
+        for g, r in zip(got, want):
+            np.testing.assert_array_equal(g, r)
