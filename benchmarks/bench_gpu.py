@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     engine = make_engine(args.device, size, 0, amp=False, detections=detections)
     ips, det = images_per_second(engine, images, batch, timers)
     rows.append(("1 model, no TTA, fp32", f"{ips:.2f} images/s ({det:.0f} detections/image)"))
-    print(*rows[-1], sep=": ", flush=True)
+    print(*rows[-1], sep=": ", file=sys.stderr, flush=True)  # progress only: the table is on stdout
     if gpu:
         engine.amp = True
         ips, det = images_per_second(engine, images, batch, timers)
