@@ -54,7 +54,8 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"images must hold numbers in 0..255, got dtype {arr.dtype}")
     out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not torch.isfinite(out).all():
+    # integers are always finite: only float images are checked (a full pass over 3 x H x W values)
+    if np.issubdtype(arr.dtype, np.floating) and not torch.isfinite(out).all():
         raise ValueError("the image holds NaN or infinite values")
     return out
 
