@@ -83,3 +83,19 @@ def test_negative_post_workers_are_refused(folder, tmp_path):
     with pytest.raises(ValueError, match="post_workers -1"):
         segment_folder(sorted(folder.glob("*.png"))[:1], [ClassicalEngine(ClassicalSettings())], tmp_path / "o",
                        post_workers=-1, say=quiet)
+
+
+def _die(*_args):
+    import os
+
+    os._exit(3)  # a worker killed mid-image (e.g. by the kernel's out-of-memory killer)
+
+
+def test_a_dead_post_processing_worker_stops_the_run_in_one_line(folder, tmp_path, monkeypatch):
+    from napari_sartorius.inference.folder_run import FolderRunError
+
+    monkeypatch.setattr(folder_run, "_finish_file", _die)
+    imgs = sorted(folder.glob("im*.png"))[:2]
+    with pytest.raises(FolderRunError, match="worker process died.*--resume"):
+        segment_folder(imgs, [ClassicalEngine(ClassicalSettings())], tmp_path / "o", post_workers=1, say=quiet)
+    assert not (tmp_path / "o" / ".segment.lock").exists()

@@ -37,6 +37,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -476,6 +477,11 @@ def _run_share(images, engines, out, settings, group, resume, workers, post_work
             while pending:
                 emit(*pending.popleft(), part_fh, fail_fh)
         clean = True
+    except BrokenProcessPool:
+        raise FolderRunError(
+            "a post-processing worker process died (out of memory?); finished images are kept: run the same "
+            "command again with --resume, with fewer --workers"
+        ) from None
     except OSError as exc:
         if _disk_full(exc):
             raise _disk_full_error(Path(exc.filename) if exc.filename else out, exc) from None
