@@ -203,20 +203,25 @@ def average_groups(masks: Sequence[np.ndarray], origins: np.ndarray, rows, bound
         src0 = (np.cumsum(m_size) - m_size)[row_member] + i * m_w[row_member]
         gm = g[row_member]
         dst0 = (gstart[gm] - base) + (oy[rlo:rhi][row_member] - y0[gm] + i) * gw[gm] + (ox[rlo:rhi] - x0[g])[row_member]
-        dst = np.repeat(dst0 - src0, m_w[row_member]) + np.arange(len(mflat))
+        # int32 indices (half the memory traffic): a chunk's windows hold far fewer than 2**31 pixels
+        idx_type = np.int32 if top - base < 2**31 and len(mflat) < 2**31 else np.int64
+        dst = np.repeat((dst0 - src0).astype(idx_type), m_w[row_member])
+        dst += np.arange(len(mflat), dtype=idx_type)
         vals = mflat * np.repeat(w32[rlo:rhi], m_size)
         mean = out[base:top]
         mean[:] = 0.0
         np.add.at(mean, dst, vals)  # in index order: each pixel's sum runs over the members in order
         mean *= np.repeat(scale[glo:ghi], gsize[glo:ghi])
         np.clip(mean, 0.0, 1.0, out=mean)
-        if counting:
+        if counting:  # (int32 sums: a chunk holds at most ``budget`` pixels, or one group's)
             mbits = mflat >= thr
             fbits = mean >= thr
             m_starts = np.cumsum(m_size) - m_size
-            member_area[rlo:rhi] = np.add.reduceat(mbits, m_starts, dtype=np.int64)
-            inter[rlo:rhi] = np.add.reduceat(mbits & fbits[dst], m_starts, dtype=np.int64)
-            group_area[glo:ghi] = np.add.reduceat(fbits, gstart[glo:ghi] - base, dtype=np.int64)
+            member_area[rlo:rhi] = np.add.reduceat(mbits, m_starts, dtype=np.int32)
+            both = fbits[dst]
+            both &= mbits
+            inter[rlo:rhi] = np.add.reduceat(both, m_starts, dtype=np.int32)
+            group_area[glo:ghi] = np.add.reduceat(fbits, gstart[glo:ghi] - base, dtype=np.int32)
     windows = np.stack([y0, x0, gh, gw], axis=1)
     if counting:
         return GroupMeans(out, gstart, windows, member_area, inter, group_area)
