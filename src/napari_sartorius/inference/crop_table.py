@@ -203,10 +203,8 @@ def average_groups(masks: Sequence[np.ndarray], origins: np.ndarray, rows, bound
         src0 = (np.cumsum(m_size) - m_size)[row_member] + i * m_w[row_member]
         gm = g[row_member]
         dst0 = (gstart[gm] - base) + (oy[rlo:rhi][row_member] - y0[gm] + i) * gw[gm] + (ox[rlo:rhi] - x0[g])[row_member]
-        # int32 indices (half the memory traffic): a chunk's windows hold far fewer than 2**31 pixels
-        idx_type = np.int32 if top - base < 2**31 and len(mflat) < 2**31 else np.int64
-        dst = np.repeat((dst0 - src0).astype(idx_type), m_w[row_member])
-        dst += np.arange(len(mflat), dtype=idx_type)
+        dst = np.repeat(dst0 - src0, m_w[row_member])
+        dst += np.arange(len(mflat), dtype=np.int64)
         vals = mflat * np.repeat(w32[rlo:rhi], m_size)
         mean = out[base:top]
         mean[:] = 0.0
@@ -218,7 +216,7 @@ def average_groups(masks: Sequence[np.ndarray], origins: np.ndarray, rows, bound
             fbits = mean >= thr
             m_starts = np.cumsum(m_size) - m_size
             member_area[rlo:rhi] = np.add.reduceat(mbits, m_starts, dtype=np.int32)
-            both = fbits[dst]
+            both = np.take(fbits, dst)
             both &= mbits
             inter[rlo:rhi] = np.add.reduceat(both, m_starts, dtype=np.int32)
             group_area[glo:ghi] = np.add.reduceat(fbits, gstart[glo:ghi] - base, dtype=np.int32)
