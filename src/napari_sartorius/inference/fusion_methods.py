@@ -175,6 +175,14 @@ def _cluster_wbf_grid(b, key, iou_thr):
     nx = int((float(b[:, 2].max()) - gx_min) / cell) + 1
     ny = int((float(b[:, 3].max()) - gy_min) / cell) + 1
     buckets: list[list[int]] = [[] for _ in range(nx * ny)]
+    # per input, the buckets its box touches (query) and, padded by a hair in case a rounded mean lands
+    # a hair outside the hull, those it registers a cluster in; computed once, outside the loop
+    u = (b - np.array([gx_min, gy_min, gx_min, gy_min])) / cell
+    query = u.astype(np.int64).tolist()
+    pad = u + np.array([-_PAD, -_PAD, _PAD, _PAD])
+    reg = np.stack([np.maximum(pad[:, 0], 0), np.maximum(pad[:, 1], 0),
+                    np.minimum(pad[:, 2], nx - 1), np.minimum(pad[:, 3], ny - 1)], axis=1).astype(np.int64).tolist()
+    areas = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
     fx0: list[float] = []
     fy0: list[float] = []
     fx1: list[float] = []
@@ -191,9 +199,8 @@ def _cluster_wbf_grid(b, key, iou_thr):
     for t in range(n):
         x0, y0, x1, y1 = rows[t]
         s = keys[t]
-        ux0, uy0, ux1, uy1 = (x0 - gx_min) / cell, (y0 - gy_min) / cell, (x1 - gx_min) / cell, (y1 - gy_min) / cell
-        ix0, iy0, ix1, iy1 = int(ux0), int(uy0), int(ux1), int(uy1)
-        area = (x1 - x0) * (y1 - y0)
+        ix0, iy0, ix1, iy1 = query[t]
+        area = areas[t]
         best, best_iou = -1, -1.0
         for ix in range(ix0, ix1 + 1):
             for iy in range(iy0, iy1 + 1):
@@ -223,9 +230,7 @@ def _cluster_wbf_grid(b, key, iou_thr):
             fx0[c], fy0[c], fx1[c], fy1[c] = sx0[c] / q, sy0[c] / q, sx1[c] / q, sy1[c] / q
             farea[c] = (fx1[c] - fx0[c]) * (fy1[c] - fy0[c])
             h = hull[c]
-            # registration is padded by a hair, in case a rounded mean lands a hair outside the hull
-            ix0, iy0 = max(int(ux0 - _PAD), 0), max(int(uy0 - _PAD), 0)
-            ix1, iy1 = min(int(ux1 + _PAD), nx - 1), min(int(uy1 + _PAD), ny - 1)
+            ix0, iy0, ix1, iy1 = reg[t]
             if ix0 < h[0] or iy0 < h[1] or ix1 > h[2] or iy1 > h[3]:  # the hull grew: register the new buckets
                 nx0, ny0, nx1, ny1 = min(ix0, h[0]), min(iy0, h[1]), max(ix1, h[2]), max(iy1, h[3])
                 for ix in range(nx0, nx1 + 1):
@@ -236,8 +241,7 @@ def _cluster_wbf_grid(b, key, iou_thr):
             continue
         c = len(reps)
         assign[t] = c
-        ix0, iy0 = max(int(ux0 - _PAD), 0), max(int(uy0 - _PAD), 0)
-        ix1, iy1 = min(int(ux1 + _PAD), nx - 1), min(int(uy1 + _PAD), ny - 1)
+        ix0, iy0, ix1, iy1 = reg[t]
         fx0.append(x0), fy0.append(y0), fx1.append(x1), fy1.append(y1), farea.append(area)
         sx0.append(s * x0), sy0.append(s * y0), sx1.append(s * x1), sy1.append(s * y1), conf.append(s)
         hull.append([ix0, iy0, ix1, iy1])
