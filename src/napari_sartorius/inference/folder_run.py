@@ -53,11 +53,13 @@ from .folder_parts import (
     FolderRunError,
     OutputLock,
     OutputLocked,
+    _append_bytes,
     _append_line,
     _clear_temporaries,
     _disk_full,
     _disk_full_error,
     _failure_path,
+    _line,
     _part_files,
     _part_path,
     _truncate_partial_tail,
@@ -245,16 +247,21 @@ def _forward_planes(planes: np.ndarray, engines, settings: FolderSettings, on_st
 
 
 def _finish_file(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings, labels_path):
-    """Post-process a file's planes and write its label image (unless ``settings.raw``): the work behind
-    the engines, run in this process or in a post-processing worker. Returns the plane tuples of
-    :func:`_finish_planes` without their label arrays (already written), or the ValueError raised."""
+    """Post-process a file's planes, write its label image (unless ``settings.raw``) and serialise its
+    line of the part file: the work behind the engines, run in this process or in a post-processing
+    worker. Returns ``(line bytes, cells, planes)``, or the ValueError raised."""
     try:
         done = _finish_planes(raws, planes, path, class_names, settings)
     except ValueError as exc:  # a bad image (values the post-processing rejects): skip it, keep going
         return exc
     if not settings.raw:
         _write_label_stack([pl[0] for pl in done], labels_path)
-    return [(None,) + tuple(pl[1:]) for pl in done]
+    record = {
+        "file": path.name,
+        "planes": [{"name": _plane_name(path, z, len(done)), "size": list(pl[4]), "cell_type": pl[2],
+                    "results": pl[1]} for z, pl in enumerate(done)],
+    }
+    return _line(record), sum(pl[3] for pl in done), len(done)
 
 
 def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings):
@@ -309,8 +316,8 @@ def _batched(items: Iterator[Decoded], engines, settings: FolderSettings) -> Ite
 
 def _segment_group(group: list[Decoded], engines, settings: FolderSettings, on_step, out: Path, pool) -> list:
     """Run the engines on a group of files, then hand each file's post-processing and label image to
-    ``pool`` (a process pool, or None: here and now). Per file: a future of its plane tuples (see
-    :func:`_finish_file`) or of the ValueError that stopped it."""
+    ``pool`` (a process pool, or None: here and now). Per file: a future of its serialised line, cells
+    and planes (see :func:`_finish_file`) or of the ValueError that stopped it."""
     names = tuple(engines[0].class_names)
     if len(group) == 1:
         try:
@@ -436,25 +443,20 @@ def _run_share(images, engines, out, settings, group, resume, workers, post_work
         """Write the results of one group of files, in input order (waiting for their post-processing)."""
         outcomes = [f.result() if f is not None else None for f in futures]
         seconds = (time.perf_counter() - t0) / len(batch)
-        for item, planes in zip(batch, outcomes):
+        for item, outcome in zip(batch, outcomes):
             counter[0] += 1
             where = f"{tag}[{counter[0]}/{len(todo)}] {item.path.name}"
-            if isinstance(planes, ValueError):
-                item.error = str(planes).strip().splitlines()[0] if str(planes).strip() else "ValueError"
+            if isinstance(outcome, ValueError):
+                item.error = str(outcome).strip().splitlines()[0] if str(outcome).strip() else "ValueError"
             if item.error is not None:
                 say(f"{where}: skipped, {item.error}")
                 _append_line(fail_fh, {"file": item.path.name, "error": item.error})
                 result.failed.append((item.path.name, item.error))
                 continue
-            record = {  # the label image is in place (written by _finish_file): the line proves it
-                "file": item.path.name,
-                "planes": [{"name": _plane_name(item.path, z, len(planes)), "size": list(pl[4]),
-                            "cell_type": pl[2], "results": pl[1]} for z, pl in enumerate(planes)],
-            }
-            _append_line(part_fh, record)
+            line, cells, n_planes = outcome
+            _append_bytes(part_fh, line)  # the label image is in place (written by _finish_file): the line proves it
             result.processed += 1
-            cells = sum(pl[3] for pl in planes)
-            zs = f" in {len(planes)} planes" if len(planes) > 1 else ""
+            zs = f" in {n_planes} planes" if n_planes > 1 else ""
             per = f" ({len(batch)} images per pass)" if len(batch) > 1 else ""
             say(f"{where}: {cells} cells{zs} in {seconds:.1f} s{per}")
 
