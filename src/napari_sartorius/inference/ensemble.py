@@ -54,7 +54,13 @@ the uncertainty and orders the result.
 
 Cost: candidate pairs come from one sort-and-sweep over x per class (no all-pairs matrix); NMS, NMW and
 Soft-NMS then work on those sparse pairs; WBF's clustering is inherently sequential (the cluster boxes
-move as members join) and runs one vectorised IoU per input against the current clusters of its class.
+move as members join): a Python loop over the inputs that compares each only with the clusters of the
+grid buckets its box touches (:func:`~.fusion_methods.cluster_wbf`). The members' masks of all clusters
+are averaged at once (:func:`~.crop_table.average_groups`: one ``np.repeat`` maps every member pixel
+onto its cluster's window, ``np.add.at`` sums them in the order and float32 arithmetic of a per-cluster
+loop, so the masks are those of such a loop bit for bit), and the uncertainty's pixel counts are made on
+the way. 12,000 candidates (3 models x 4 flips x 1000 detections) fuse in ~0.1 s of one CPU core
+(``benchmarks/bench_postforward.py``).
 """
 
 from __future__ import annotations
