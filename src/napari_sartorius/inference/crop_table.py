@@ -2,13 +2,19 @@
 
 Fusion averages the crops of each cluster's members and the uncertainty counts how many pixels of each
 member's binarised crop fall on the fused cell's; with 12 sources x 1000 detections that is 12,000
-small crops, and a Python loop over them costs more than a GPU forward. Here the crops live in one flat
-float32 array (:class:`CropTable`) and both operations expand *row segments*: for a pair (member crop,
-target window) every row of the member crop gives the run of its pixels that lies inside the target,
-as one (source offset, target offset, length) triple; expanding the triples gives the flat index of
-every pixel on both sides at once (``np.repeat`` + ``np.arange``), and ``np.bincount`` sums them. Pairs
-are processed in chunks of at most ``CHUNK_PIXELS`` member pixels, so temporary index arrays stay small
-(a few MB) whatever the number of candidates.
+small crops, and a Python loop over them costs more than a GPU forward. Both operations work on the
+member crops' pixels laid end to end in one flat float32 array, and on *row segments*: each row of a
+member crop lands on one contiguous run of its target window, so one ``np.repeat`` of the per-row
+offsets plus one ``np.arange`` gives every pixel's index in the target, whatever the number of crops.
+
+- :func:`average_groups` (fusion's mask averaging, and the uncertainty's counts on the way): every member
+  lies inside its group's window; sums with ``np.add.at`` in member order, as a per-group loop would.
+- :func:`count_intersections` (the uncertainty of cells added one by one, e.g. Soft-NMS's support,
+  which may reach outside the fused window): crops anywhere against windows anywhere, through
+  :func:`row_segments`, which clips each row to the target; the crops come from a :class:`CropTable`.
+
+Pairs or groups are processed in chunks of at most ``CHUNK_PIXELS`` member pixels, so the temporary
+index arrays stay small (a few MB).
 
 Coordinates: a crop ``(h, w)`` at origin ``(y0, x0)`` covers image rows ``y0 .. y0 + h - 1`` and
 columns ``x0 .. x0 + w - 1``; flat crops are row-major.
