@@ -6,7 +6,8 @@ Prints one table:
   per pass;
 * images/s of ``--models`` models x 4 flips (one TTA batch per model, fused with WBF);
 * images/s of the ``segment`` command end to end on a folder of ``--images`` PNGs (one checkpoint, no
-  TTA: decoding, network, pasting, post-processing, label images and ``predictions.json``);
+  TTA: decoding, network, pasting, post-processing, label images and ``predictions.json``; ``--workers``
+  processes decode ahead of the model and as many post-process behind it);
 * the share of the 3 x 4 run's time in the network forward, mask pasting, fusion and post-processing;
 * peak GPU memory (CUDA) or peak resident memory (CPU).
 
@@ -170,7 +171,8 @@ def main(argv=None) -> None:
     ap.add_argument("--detections", type=int,
                     help="detections per image (default 1000 on a GPU; 100 on the CPU, where the mask head on "
                     "1000 boxes alone is ~450 GFLOP per image)")
-    ap.add_argument("--workers", type=int, help="decoding workers of the CLI run (default 2 GPU, 0 CPU)")
+    ap.add_argument("--workers", type=int,
+                    help="--workers of the CLI run: decoding and as many post-processing processes (default 4 GPU, 0 CPU)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
     size = args.test_size or (1024 if gpu else 512)
     batch = args.batch or (4 if gpu else 1)
     detections = args.detections or (1000 if gpu else 100)
-    workers = args.workers if args.workers is not None else (2 if gpu else 0)
+    workers = args.workers if args.workers is not None else (4 if gpu else 0)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -192,7 +194,7 @@ def main(argv=None) -> None:
     engine = make_engine(args.device, size, 0, amp=False, detections=detections)
     ips, det = images_per_second(engine, images, batch, timers)
     rows.append(("1 model, no TTA, fp32", f"{ips:.2f} images/s ({det:.0f} detections/image)"))
-    print(*rows[-1], sep=": ", flush=True)
+    print(*rows[-1], sep=": ", file=sys.stderr, flush=True)  # progress only: the table is on stdout
     if gpu:
         engine.amp = True
         ips, det = images_per_second(engine, images, batch, timers)
@@ -209,7 +211,7 @@ def main(argv=None) -> None:
     total = shares.pop("total")
 
     ips = cli_run(engine, images, args.device, batch, workers)
-    rows.append((f"segment CLI on a folder of {n} PNGs", f"{ips:.2f} images/s"))
+    rows.append((f"segment CLI on a folder of {n} PNGs (--workers {workers})", f"{ips:.2f} images/s"))
 
     parts = ["forward", "pasting", "fusion", "post-processing"]
     known = sum(shares.get(p, 0.0) for p in parts)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,20 @@ def test_invalid_crops_are_rejected():
         Instances((4, 4), boxes=np.zeros((2, 4)), scores=[1], classes=[0], masks=[np.ones((1, 1))], mask_origins=[[0, 0]])
     with pytest.raises(ValueError, match="2-D"):
         Instances.from_label_image(np.zeros((2, 3, 4), np.uint8))
+
+
+def test_the_first_crop_that_does_not_fit_is_named():
+    ok = [np.ones((2, 2))] * 5
+    for bad, origin, shown in (
+        (np.ones((2, 2)), (-1, 0), "(2, 2) at (-1, 0)"),
+        (np.ones((2, 2)), (0, 3), "(2, 2) at (0, 3)"),
+        (np.ones((2, 2, 1)), (0, 0), "(2, 2, 1) at (0, 0)"),
+        (np.ones(3), (0, 0), "(3,) at (0, 0)"),
+    ):
+        masks = ok[:2] + [bad] + ok[2:] + [np.ones((9, 9))]  # the last one does not fit either
+        origins = [(0, 0)] * 2 + [origin] + [(0, 0)] * 4
+        with pytest.raises(ValueError, match=re.escape(f"shape {shown} does not fit an image of size (4, 4)")):
+            Instances((4, 4), np.zeros((7, 4)), np.ones(7), np.zeros(7), masks, origins)
 
 
 def test_empty():

@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, metavar="N",
                    help="images per network pass for one model without TTA (default 4 on a GPU, 1 on the CPU)")
     s.add_argument("--workers", type=int, metavar="N",
-                   help="processes decoding images ahead of the models (default 2 on a GPU, 0 on the CPU)")
+                   help="processes decoding images ahead of the models, and as many post-processing their results "
+                   "behind them (default 2 on a GPU, 0 on the CPU)")
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("evaluate", help="competition score (overall, per cell type) and COCO mask AP")

@@ -158,3 +158,47 @@ def test_multiscale_scales_the_test_size_of_an_engine_that_resizes_itself(engine
     reference = engine.predict_batch([image])[0]
     for inst in out:
         assert inst.image_size == (64, 80) and len(inst) == len(reference)
+
+
+def _reference_inverse(inst, t, image_size):
+    """The step-by-step inverse (one Instances per quarter turn, then the mirror), as before the
+    one-pass rewrite: the crops rotated with np.rot90 and mirrored with [:, ::-1]."""
+    out = inst
+    for _ in range((4 - t.k) % 4):
+        h_img, w_img = out.image_size
+        b = out.boxes
+        widths = np.array([m.shape[1] for m in out.masks], np.int64)
+        origins = np.stack([w_img - out.mask_origins[:, 1] - widths, out.mask_origins[:, 0]], 1)
+        out = Instances((w_img, h_img), np.stack([b[:, 1], w_img - b[:, 2], b[:, 3], w_img - b[:, 0]], 1),
+                        out.scores, out.classes, [np.rot90(m) for m in out.masks], origins)
+    if t.flip:
+        w_img = out.image_size[1]
+        b = out.boxes
+        widths = np.array([m.shape[1] for m in out.masks], np.int64)
+        origins = np.stack([out.mask_origins[:, 0], w_img - out.mask_origins[:, 1] - widths], 1)
+        out = Instances(out.image_size, np.stack([w_img - b[:, 2], b[:, 1], w_img - b[:, 0], b[:, 3]], 1),
+                        out.scores, out.classes, [m[:, ::-1] for m in out.masks], origins)
+    return out
+
+
+@pytest.mark.parametrize("t", tta_transforms("flips+rot90"), ids=lambda t: t.name)
+def test_one_pass_inverse_equals_the_step_by_step_inverse(t):
+    rng = np.random.default_rng(3)
+    size = (23, 31)
+    out_size = t.output_size(size)
+    masks, origins, boxes = [], [], []
+    for _ in range(20):
+        h, w = rng.integers(1, 8, 2)
+        y0, x0 = rng.integers(0, out_size[0] - h + 1), rng.integers(0, out_size[1] - w + 1)
+        masks.append(rng.random((h, w)).astype(np.float32))
+        origins.append((y0, x0))
+        boxes.append((x0 + 0.3, y0 + 0.6, x0 + w - 0.2, y0 + h - 0.7))
+    inst = Instances(out_size, boxes, rng.random(20), rng.integers(0, 3, 20), masks, origins)
+    got, want = invert_instances(inst, t, size), _reference_inverse(inst, t, size)
+    assert got.image_size == want.image_size == size
+    np.testing.assert_array_equal(got.boxes, want.boxes)
+    np.testing.assert_array_equal(got.mask_origins, want.mask_origins)
+    np.testing.assert_array_equal(got.classes, want.classes)
+    for a, b in zip(got.masks, want.masks):
+        assert a.flags.c_contiguous
+        np.testing.assert_array_equal(a, b)

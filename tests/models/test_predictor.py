@@ -208,3 +208,29 @@ def test_engine_crops_equal_per_detection_numpy_pasting_of_the_model_outputs(eng
         ref, origin = paste_mask_crop(mask[0], box, gray.shape)
         assert tuple(inst.mask_origins[i]) == origin
         np.testing.assert_allclose(inst.masks[i], ref, rtol=0, atol=1e-6)
+
+
+def test_gray_uint8_images_travel_compact_and_give_the_same_result():
+    """A uint8 grayscale image goes to the model's device as (H, W) uint8 and becomes the float
+    (3, H, W) of image_to_tensor there: the model sees the same values, the engine the same result."""
+    from napari_sartorius.models.predictor import _compact_tensor
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (40, 56)).astype(np.uint8)
+    t = _compact_tensor(gray)
+    assert t.dtype == torch.uint8 and t.shape == (40, 56)
+    assert _compact_tensor(gray[:, :, None]).shape == (40, 56)
+    for other in (gray.astype(np.float32), np.stack([gray] * 3, -1), gray.astype(np.uint16)):
+        assert _compact_tensor(other).shape == (3, 40, 56)  # anything else as image_to_tensor gives it
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, images):
+            seen.extend(images)
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+                     "masks": torch.zeros(0, 1, 28, 28)} for _ in images]
+
+    engine = MaskRCNNEngine(Spy(), ModelConfig("mask_rcnn_R_50_FPN", min_size_test=0), device="cpu", cpu_batch=2)
+    out = engine.predict_batch([gray, gray.astype(np.float32)])
+    assert [len(o) for o in out] == [0, 0] and out[0].image_size == (40, 56)
+    assert torch.equal(seen[0], image_to_tensor(gray)) and torch.equal(seen[1], image_to_tensor(gray))

@@ -184,10 +184,20 @@ def _truncate_partial_tail(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _append_line(fh, record: dict) -> None:
-    fh.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
+def _line(record: dict) -> bytes:
+    """One line of a part file: compact JSON, newline-terminated, UTF-8."""
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _append_bytes(fh, line: bytes) -> None:
+    """Append one serialised line (:func:`_line`) and make it durable before going on."""
+    fh.write(line)
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def _append_line(fh, record: dict) -> None:
+    _append_bytes(fh, _line(record))
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -51,17 +53,20 @@ from .folder_parts import (
     FolderRunError,
     OutputLock,
     OutputLocked,
+    _append_bytes,
     _append_line,
     _clear_temporaries,
     _disk_full,
     _disk_full_error,
     _failure_path,
+    _line,
     _part_files,
     _part_path,
     _truncate_partial_tail,
     done_files,
     merge_parts,
 )
+from .folder_workers import Decoded, Done, decoded, post_pool
 
 __all__ = [
     "FolderSettings",
@@ -192,59 +197,6 @@ def shard(items: Sequence, rank: int, world: int) -> list:
 # -- images -----------------------------------------------------------------------------------------
 
 
-def _read_planes(path: Path) -> np.ndarray:
-    """uint8 ``(Z, H, W)``: one plane for a 2-D image, Z for a multi-plane TIFF."""
-    from ..io.images import read_stack
-
-    return read_stack(path)
-
-
-class _Decoded:
-    """A decoded file of the share: ``planes`` or the ``error`` that stopped it."""
-
-    __slots__ = ("index", "path", "planes", "error")
-
-    def __init__(self, index, path, planes, error):
-        self.index, self.path, self.planes, self.error = index, path, planes, error
-
-
-class _ReadDataset:
-    """Image files decoded in DataLoader workers (a map-style dataset of :class:`_Decoded`)."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> _Decoded:
-        path = self.paths[i]
-        try:
-            return _Decoded(i, path, _read_planes(path), None)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and skipped
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return _Decoded(i, path, None, reason)
-
-
-def _first(batch):
-    return batch[0]
-
-
-def _decoded(paths: Sequence[Path], workers: int) -> Iterator[_Decoded]:
-    """The files decoded in order; with ``workers > 0`` in a DataLoader's worker processes, ahead of
-    the engines (``2 * workers`` files in flight)."""
-    ds = _ReadDataset(paths)
-    if workers <= 0 or len(ds) <= 1:
-        for i in range(len(ds)):
-            yield ds[i]
-        return
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=min(workers, len(ds)),
-                        collate_fn=_first, prefetch_factor=2, persistent_workers=False)
-    yield from loader
-
-
 def _write_label_stack(labels: list[np.ndarray], path: Path) -> None:
     """One ``(H, W)`` label image, or a ``(Z, H, W)`` stack, written atomically."""
     from ..io.label_images import write_label_image
@@ -280,11 +232,11 @@ def _plane_records(inst, key: str, class_names, cell_type) -> list[dict]:
     return recs
 
 
-def _segment_planes(planes: np.ndarray, path: Path, engines, settings: FolderSettings, on_step):
-    """Per plane ``(labels or None, records, cell type, n cells, (H, W))``."""
+def _forward_planes(planes: np.ndarray, engines, settings: FolderSettings, on_step) -> list:
+    """The raw (fused, not post-processed) instances of each plane of a file."""
     from ..inference.segment import run_to_completion, segment_image
 
-    raws = [
+    return [
         run_to_completion(
             segment_image(plane, engines, weights=settings.weights, tta=settings.tta, ensemble=settings.ensemble,
                           iou_thr=settings.iou, plane=z if len(planes) > 1 else None),
@@ -292,7 +244,24 @@ def _segment_planes(planes: np.ndarray, path: Path, engines, settings: FolderSet
         )
         for z, plane in enumerate(planes)
     ]
-    return _finish_planes(raws, planes, path, tuple(engines[0].class_names), settings)
+
+
+def _finish_file(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings, labels_path):
+    """Post-process a file's planes, write its label image (unless ``settings.raw``) and serialise its
+    line of the part file: the work behind the engines, run in this process or in a post-processing
+    worker. Returns ``(line bytes, cells, planes)``, or the ValueError raised."""
+    try:
+        done = _finish_planes(raws, planes, path, class_names, settings)
+    except ValueError as exc:  # a bad image (values the post-processing rejects): skip it, keep going
+        return exc
+    if not settings.raw:
+        _write_label_stack([pl[0] for pl in done], labels_path)
+    record = {
+        "file": path.name,
+        "planes": [{"name": _plane_name(path, z, len(done)), "size": list(pl[4]), "cell_type": pl[2],
+                    "results": pl[1]} for z, pl in enumerate(done)],
+    }
+    return _line(record), sum(pl[3] for pl in done), len(done)
 
 
 def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: FolderSettings):
@@ -324,13 +293,13 @@ def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: 
     return out
 
 
-def _batched(items: Iterator[_Decoded], engines, settings: FolderSettings) -> Iterator[list[_Decoded]]:
+def _batched(items: Iterator[Decoded], engines, settings: FolderSettings) -> Iterator[list[Decoded]]:
     """Groups of decoded files run in one pass: up to ``settings.batch`` consecutive 2-D images of one
     size when one engine runs without TTA and the image needs no tiles; any other file alone."""
     from .tiling import DEFAULT_MAX_TILE, needs_tiling
 
     can = settings.batch > 1 and len(engines) == 1 and settings.tta == "none"
-    group: list[_Decoded] = []
+    group: list[Decoded] = []
     for item in items:
         ok = (can and item.error is None and item.planes.shape[0] == 1
               and not needs_tiling(item.planes.shape[1:3], DEFAULT_MAX_TILE))
@@ -345,19 +314,25 @@ def _batched(items: Iterator[_Decoded], engines, settings: FolderSettings) -> It
         yield group
 
 
-def _segment_group(group: list[_Decoded], engines, settings: FolderSettings, on_step) -> list:
-    """Per file of the group: its plane tuples (see :func:`_finish_planes`), or the ValueError raised."""
-    if len(group) == 1:
-        item = group[0]
-        try:
-            return [_segment_planes(item.planes, item.path, engines, settings, on_step)]
-        except ValueError as exc:  # a bad image (shape, values): skip it, keep going
-            return [exc]
-    from .tta import predict_checked
-
-    raws = predict_checked(engines[0], [item.planes[0] for item in group])  # one pass for the group
+def _segment_group(group: list[Decoded], engines, settings: FolderSettings, on_step, out: Path, pool) -> list:
+    """Run the engines on a group of files, then hand each file's post-processing and label image to
+    ``pool`` (a process pool, or None: here and now). Per file: a future of its serialised line, cells
+    and planes (see :func:`_finish_file`) or of the ValueError that stopped it."""
     names = tuple(engines[0].class_names)
-    return [_finish_planes([raw], item.planes, item.path, names, settings) for raw, item in zip(raws, group)]
+    if len(group) == 1:
+        try:
+            raws = [_forward_planes(group[0].planes, engines, settings, on_step)]
+        except ValueError as exc:  # a bad image (shape, values): skip it, keep going
+            return [Done(exc)]
+    else:
+        from .tta import predict_checked
+
+        raws = [[raw] for raw in predict_checked(engines[0], [item.planes[0] for item in group])]  # one pass
+    futures = []
+    for r, item in zip(raws, group):
+        args = (r, item.planes, item.path, names, settings, out / f"{item.path.stem}_labels.tif")
+        futures.append(pool.submit(_finish_file, *args) if pool is not None else Done(_finish_file(*args)))
+    return futures
 
 
 def segment_folder(
@@ -369,6 +344,7 @@ def segment_folder(
     group=None,
     resume: bool = False,
     workers: int = 0,
+    post_workers: int | None = None,
     say: Callable[[str], None] | None = None,
 ) -> FolderResult:
     """Segment this rank's share of ``images`` into ``out`` and (rank 0) merge every rank's results.
@@ -383,6 +359,10 @@ def segment_folder(
         resume: skip the files that an earlier run of this folder finished; without it, the parts of an
             earlier run are deleted first and every file is segmented again.
         workers: DataLoader worker processes decoding images ahead of the engines (0: in this process).
+        post_workers: processes post-processing the engines' results and writing their label images
+            behind the engines, while the engines go on with the next images (0: in this process, one
+            image after the other; default: as many as ``workers``). Lines and ``predictions.json``
+            keep the input order either way.
         say: one progress line at a time (default: stderr).
 
     Returns:
@@ -420,7 +400,10 @@ def segment_folder(
     elif not group.all_ok(True):
         raise OutputLocked(f"rank 0 could not start writing {out} (see its message)")
     try:
-        result = _run_share(images, engines, out, settings, group, resume, workers, say, tag)
+        post = workers if post_workers is None else post_workers
+        if post < 0:
+            raise ValueError(f"post_workers {post_workers}: give 0 or more")
+        result = _run_share(images, engines, out, settings, group, resume, workers, post, say, tag)
         group.barrier()  # every share finished (a dead rank raises here)
         if rank == 0:
             merged = merge_parts(images, out)
@@ -430,7 +413,7 @@ def segment_folder(
         lock.release()
 
 
-def _run_share(images, engines, out, settings, group, resume, workers, say, tag) -> FolderResult:
+def _run_share(images, engines, out, settings, group, resume, workers, post_workers, say, tag) -> FolderResult:
     result = FolderResult()
     mine = shard(images, group.rank, group.world)
     done = done_files(out) if resume else set()
@@ -454,42 +437,60 @@ def _run_share(images, engines, out, settings, group, resume, workers, say, tag)
         if p.warning:
             say(f"{tag}warning: {p.warning}")
 
+    counter = [0]
+
+    def emit(batch, futures, t0, part_fh, fail_fh) -> None:
+        """Write the results of one group of files, in input order (waiting for their post-processing)."""
+        outcomes = [f.result() if f is not None else None for f in futures]
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for item, outcome in zip(batch, outcomes):
+            counter[0] += 1
+            where = f"{tag}[{counter[0]}/{len(todo)}] {item.path.name}"
+            if isinstance(outcome, ValueError):
+                item.error = str(outcome).strip().splitlines()[0] if str(outcome).strip() else "ValueError"
+            if item.error is not None:
+                say(f"{where}: skipped, {item.error}")
+                _append_line(fail_fh, {"file": item.path.name, "error": item.error})
+                result.failed.append((item.path.name, item.error))
+                continue
+            line, cells, n_planes = outcome
+            _append_bytes(part_fh, line)  # the label image is in place (written by _finish_file): the line proves it
+            result.processed += 1
+            zs = f" in {n_planes} planes" if n_planes > 1 else ""
+            per = f" ({len(batch)} images per pass)" if len(batch) > 1 else ""
+            say(f"{where}: {cells} cells{zs} in {seconds:.1f} s{per}")
+
+    pool = post_pool(post_workers)
+    if pool is not None:
+        pool.submit(int).result()  # start the workers now, before the decoding workers and their threads
+    depth = 2 * post_workers  # groups in flight behind the engines (memory stays bounded)
+    pending: deque = deque()
+    clean = False
     try:
         with open(part, "ab") as part_fh, open(failures, "ab") as fail_fh:
-            k = 0
-            for group in _batched(_decoded(todo, workers), engines, settings):
+            for batch in _batched(decoded(todo, workers), engines, settings):
                 t0 = time.perf_counter()
-                results = _segment_group(group, engines, settings, on_step) if group[0].error is None else [None]
+                futures = _segment_group(batch, engines, settings, on_step, out, pool) if batch[0].error is None else [None]
                 first[0] = False
-                seconds = (time.perf_counter() - t0) / len(group)
-                for item, planes in zip(group, results):
-                    k += 1
-                    where = f"{tag}[{k}/{len(todo)}] {item.path.name}"
-                    if isinstance(planes, ValueError):
-                        item.error = str(planes).strip().splitlines()[0] if str(planes).strip() else "ValueError"
-                    if item.error is not None:
-                        say(f"{where}: skipped, {item.error}")
-                        _append_line(fail_fh, {"file": item.path.name, "error": item.error})
-                        result.failed.append((item.path.name, item.error))
-                        continue
-                    if not settings.raw:
-                        _write_label_stack([pl[0] for pl in planes], out / f"{item.path.stem}_labels.tif")
-                    record = {
-                        "file": item.path.name,
-                        "planes": [{"name": _plane_name(item.path, z, len(planes)), "size": list(pl[4]),
-                                    "cell_type": pl[2], "results": pl[1]} for z, pl in enumerate(planes)],
-                    }
-                    _append_line(part_fh, record)
-                    result.processed += 1
-                    cells = sum(pl[3] for pl in planes)
-                    zs = f" in {len(planes)} planes" if len(planes) > 1 else ""
-                    per = f" ({len(group)} images per pass)" if len(group) > 1 else ""
-                    say(f"{where}: {cells} cells{zs} in {seconds:.1f} s{per}")
-                del group, results
+                pending.append((batch, futures, t0))
+                while pending and (len(pending) > depth or all(f is None or f.done() for f in pending[0][1])):
+                    emit(*pending.popleft(), part_fh, fail_fh)
+                del batch, futures
+            while pending:
+                emit(*pending.popleft(), part_fh, fail_fh)
+        clean = True
+    except BrokenProcessPool:
+        raise FolderRunError(
+            "a post-processing worker process died (out of memory?); finished images are kept: run the same "
+            "command again with --resume, with fewer --workers"
+        ) from None
     except OSError as exc:
         if _disk_full(exc):
             raise _disk_full_error(Path(exc.filename) if exc.filename else out, exc) from None
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=clean, cancel_futures=not clean)
     return result
 
 

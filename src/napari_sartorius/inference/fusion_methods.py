@@ -74,8 +74,49 @@ def cluster_nmw(b, key, iou_thr):
 
 
 def cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, allows_overflow):
+    """WBF's clustering: inputs in visiting order join the current cluster of highest box IoU when it is
+    above ``iou_thr`` (ties: the earliest cluster), else open a cluster; a cluster's box is the
+    key-weighted mean of its members' boxes. Returns ``(assign, fused boxes, scores, reps)``.
+
+    Inherently sequential (a cluster's box moves as members join), so it is a plain Python loop over
+    the inputs, but each input is compared only with the clusters registered in the grid buckets its
+    box touches: a cluster is registered in every bucket of the hull of its members' boxes, and its box,
+    a weighted mean of those boxes, never leaves that hull; a cluster outside the buckets has IoU 0
+    and cannot be chosen. IoUs and updates are the same float64 operations, in the same order, as a
+    vectorised IoU against every cluster (``_cluster_wbf_dense``, kept for ``iou_thr < 0``, where a
+    cluster of IoU 0 may be chosen): the results are identical.
+    """
     n = len(b)
-    x0s, y0s, x1s, y1s = (b[:, c].copy() for c in range(4))
+    if iou_thr < 0 or n == 0:
+        assign, fused, conf, reps = _cluster_wbf_dense(b, key, iou_thr)
+    else:
+        assign, fused, conf, reps = _cluster_wbf_grid(b, key, iou_thr)
+    k = len(reps)
+    count = np.bincount(assign, minlength=k).astype(np.float64)
+    wsum = np.bincount(assign, weights=w, minlength=k)
+    if conf_type == "max":
+        score = np.full(k, -np.inf)
+        np.maximum.at(score, assign, key)
+        score = score / weights.max()
+    else:
+        score = conf[:k] / count
+        if conf_type == "box_and_model_avg":
+            present = _present_weight(assign, src, weights, k)
+            score = score * count / wsum * present / weights.sum()
+        elif conf_type == "absent_model_aware_avg":
+            absent = weights.sum() - _present_weight(assign, src, weights, k)
+            score = score * count / (wsum + absent)
+        elif allows_overflow:
+            score = score * count / weights.sum()
+        else:
+            score = score * np.minimum(len(weights), count) / weights.sum()
+    return assign, fused, score, np.asarray(reps, np.int64)
+
+
+def _cluster_wbf_dense(b, key, iou_thr):
+    """WBF clustering with one vectorised IoU per input against every current cluster.
+    Returns ``(assign, fused boxes (k, 4), conf (k,), reps)``."""
+    n = len(b)
     fx0, fy0, fx1, fy1, farea = (np.empty(n) for _ in range(5))
     sx0, sy0, sx1, sy1, conf = (np.empty(n) for _ in range(5))
     assign = np.empty(n, np.int64)
@@ -115,25 +156,101 @@ def cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, allows_overflow):
         reps.append(t)
         k += 1
     fused = np.stack([fx0[:k], fy0[:k], fx1[:k], fy1[:k]], axis=1)
-    count = np.bincount(assign, minlength=k).astype(np.float64)
-    wsum = np.bincount(assign, weights=w, minlength=k)
-    if conf_type == "max":
-        score = np.full(k, -np.inf)
-        np.maximum.at(score, assign, key)
-        score = score / weights.max()
-    else:
-        score = conf[:k] / count
-        if conf_type == "box_and_model_avg":
-            present = _present_weight(assign, src, weights, k)
-            score = score * count / wsum * present / weights.sum()
-        elif conf_type == "absent_model_aware_avg":
-            absent = weights.sum() - _present_weight(assign, src, weights, k)
-            score = score * count / (wsum + absent)
-        elif allows_overflow:
-            score = score * count / weights.sum()
-        else:
-            score = score * np.minimum(len(weights), count) / weights.sum()
-    return assign, fused, score, np.asarray(reps, np.int64)
+    return assign, fused, conf[:k].copy(), np.asarray(reps, np.int64)
+
+
+#: Padding (in grid buckets) of the buckets a cluster is registered in.
+_PAD = 1e-6
+
+
+def _cluster_wbf_grid(b, key, iou_thr):
+    """:func:`_cluster_wbf_dense`'s result, comparing each input only with the clusters of the grid
+    buckets its box touches (see :func:`cluster_wbf`); ``iou_thr >= 0``."""
+    n = len(b)
+    rows = b.tolist()
+    keys = key.tolist()
+    side = float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
+    cell = max(2.0 * side, 8.0)
+    gx_min, gy_min = float(b[:, 0].min()), float(b[:, 1].min())
+    nx = int((float(b[:, 2].max()) - gx_min) / cell) + 1
+    ny = int((float(b[:, 3].max()) - gy_min) / cell) + 1
+    buckets: list[list[int]] = [[] for _ in range(nx * ny)]
+    # per input, the buckets its box touches (query) and, padded by a hair in case a rounded mean lands
+    # a hair outside the hull, those it registers a cluster in; computed once, outside the loop
+    u = (b - np.array([gx_min, gy_min, gx_min, gy_min])) / cell
+    query = u.astype(np.int64).tolist()
+    pad = u + np.array([-_PAD, -_PAD, _PAD, _PAD])
+    reg = np.stack([np.maximum(pad[:, 0], 0), np.maximum(pad[:, 1], 0),
+                    np.minimum(pad[:, 2], nx - 1), np.minimum(pad[:, 3], ny - 1)], axis=1).astype(np.int64).tolist()
+    areas = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
+    fx0: list[float] = []
+    fy0: list[float] = []
+    fx1: list[float] = []
+    fy1: list[float] = []
+    farea: list[float] = []
+    sx0: list[float] = []
+    sy0: list[float] = []
+    sx1: list[float] = []
+    sy1: list[float] = []
+    conf: list[float] = []
+    hull: list[list[int]] = []  # bucket range [ix0, iy0, ix1, iy1] (inclusive) each cluster is registered in
+    assign = [0] * n
+    reps = []
+    for t in range(n):
+        x0, y0, x1, y1 = rows[t]
+        s = keys[t]
+        ix0, iy0, ix1, iy1 = query[t]
+        area = areas[t]
+        best, best_iou = -1, -1.0
+        for ix in range(ix0, ix1 + 1):
+            for iy in range(iy0, iy1 + 1):
+                for c in buckets[ix * ny + iy]:
+                    # min() and max() written out: the same values, without two calls per comparison
+                    a, z = fx1[c], fx0[c]
+                    iw = (a if a < x1 else x1) - (z if z > x0 else x0)
+                    if iw <= 0.0:
+                        continue
+                    a, z = fy1[c], fy0[c]
+                    ih = (a if a < y1 else y1) - (z if z > y0 else y0)
+                    if ih <= 0.0:
+                        continue
+                    inter = iw * ih
+                    iou = inter / (farea[c] + area - inter)
+                    if iou > best_iou or (iou == best_iou and c < best):
+                        best, best_iou = c, iou
+        if best >= 0 and best_iou > iou_thr:
+            c = best
+            assign[t] = c
+            sx0[c] += s * x0
+            sy0[c] += s * y0
+            sx1[c] += s * x1
+            sy1[c] += s * y1
+            conf[c] += s
+            q = conf[c]
+            fx0[c], fy0[c], fx1[c], fy1[c] = sx0[c] / q, sy0[c] / q, sx1[c] / q, sy1[c] / q
+            farea[c] = (fx1[c] - fx0[c]) * (fy1[c] - fy0[c])
+            h = hull[c]
+            ix0, iy0, ix1, iy1 = reg[t]
+            if ix0 < h[0] or iy0 < h[1] or ix1 > h[2] or iy1 > h[3]:  # the hull grew: register the new buckets
+                nx0, ny0, nx1, ny1 = min(ix0, h[0]), min(iy0, h[1]), max(ix1, h[2]), max(iy1, h[3])
+                for ix in range(nx0, nx1 + 1):
+                    for iy in range(ny0, ny1 + 1):
+                        if not (h[0] <= ix <= h[2] and h[1] <= iy <= h[3]):
+                            buckets[ix * ny + iy].append(c)
+                hull[c] = [nx0, ny0, nx1, ny1]
+            continue
+        c = len(reps)
+        assign[t] = c
+        ix0, iy0, ix1, iy1 = reg[t]
+        fx0.append(x0), fy0.append(y0), fx1.append(x1), fy1.append(y1), farea.append(area)
+        sx0.append(s * x0), sy0.append(s * y0), sx1.append(s * x1), sy1.append(s * y1), conf.append(s)
+        hull.append([ix0, iy0, ix1, iy1])
+        for ix in range(ix0, ix1 + 1):
+            for iy in range(iy0, iy1 + 1):
+                buckets[ix * ny + iy].append(c)
+        reps.append(t)
+    fused = np.array([fx0, fy0, fx1, fy1], np.float64).T.reshape(-1, 4)
+    return np.asarray(assign, np.int64), fused, np.asarray(conf, np.float64), np.asarray(reps, np.int64)
 
 
 def _present_weight(assign, src, weights, k):

@@ -155,42 +155,74 @@ def apply_transform(image: np.ndarray, t: TTATransform) -> np.ndarray:
 
 
 # -- inverse on Instances --------------------------------------------------------------------------
-def _fliplr(inst: Instances) -> Instances:
-    w_img = inst.image_size[1]
-    b = inst.boxes
+def _fliplr_geometry(boxes, origins, shapes, image_size):
+    """Boxes and crop origins after mirroring left-right in an image of ``image_size``; ``shapes``
+    int64 ``(N, 2)`` crop ``(h, w)``. Returns ``(boxes, origins, shapes, image_size)``."""
+    w_img = image_size[1]
+    b = boxes
     boxes = np.stack([w_img - b[:, 2], b[:, 1], w_img - b[:, 0], b[:, 3]], axis=1)
-    widths = np.array([m.shape[1] for m in inst.masks], np.int64)
-    origins = inst.mask_origins.copy()
-    if len(inst):
-        origins[:, 1] = w_img - inst.mask_origins[:, 1] - widths
+    out = origins.copy()
+    if len(out):
+        out[:, 1] = w_img - origins[:, 1] - shapes[:, 1]
+    return boxes, out, shapes, image_size
+
+
+def _rot90_geometry(boxes, origins, shapes, image_size):
+    """One quarter turn counter-clockwise, pixel (r, c) -> (W - 1 - c, r), of boxes and crop origins;
+    crop shapes swap. Returns ``(boxes, origins, shapes, image_size)``."""
+    h_img, w_img = image_size
+    b = boxes
+    boxes = np.stack([b[:, 1], w_img - b[:, 2], b[:, 3], w_img - b[:, 0]], axis=1)
+    out = np.zeros_like(origins)
+    if len(out):
+        out[:, 0] = w_img - origins[:, 1] - shapes[:, 1]
+        out[:, 1] = origins[:, 0]
+    return boxes, out, shapes[:, ::-1], (w_img, h_img)
+
+
+#: The crop of ``r`` quarter turns counter-clockwise (``np.rot90(m, r)``), then mirrored left-right
+#: when ``flip``, as one strided view (a single copy is made from it).
+_CROP_VIEWS = {
+    (0, False): lambda m: m,
+    (1, False): lambda m: m.T[::-1],
+    (2, False): lambda m: m[::-1, ::-1],
+    (3, False): lambda m: m[::-1].T,
+    (0, True): lambda m: m[:, ::-1],
+    (1, True): lambda m: m.T[::-1, ::-1],
+    (2, True): lambda m: m[::-1],
+    (3, True): lambda m: m[::-1].T[:, ::-1],
+}
+
+
+def _undo_geometry(inst: Instances, k: int, flip: bool) -> Instances:
+    """``inst`` after ``(4 - k) % 4`` quarter turns counter-clockwise, then a left-right mirror when
+    ``flip`` (the inverse of a variant's mirror-then-rotate), in one pass over the crops."""
+    turns = (4 - k) % 4
+    boxes, origins, size = inst.boxes, inst.mask_origins, inst.image_size
+    shapes = np.array([m.shape for m in inst.masks], np.int64).reshape(-1, 2)
+    for _ in range(turns):
+        boxes, origins, shapes, size = _rot90_geometry(boxes, origins, shapes, size)
+    if flip:
+        boxes, origins, shapes, size = _fliplr_geometry(boxes, origins, shapes, size)
+    view = _CROP_VIEWS[(turns, bool(flip))]
     return Instances(
-        image_size=inst.image_size,
+        image_size=size,
         boxes=boxes,
         scores=inst.scores.copy(),
         classes=inst.classes.copy(),
-        masks=[np.ascontiguousarray(m[:, ::-1]) for m in inst.masks],
+        masks=[np.ascontiguousarray(view(m)) for m in inst.masks],
         mask_origins=origins,
     )
+
+
+def _fliplr(inst: Instances) -> Instances:
+    """Mirror left-right (pixel column c -> W - 1 - c)."""
+    return _undo_geometry(inst, 0, True)
 
 
 def _rot90_once(inst: Instances) -> Instances:
     """Rotate by one quarter turn counter-clockwise: pixel (r, c) -> (W - 1 - c, r)."""
-    h_img, w_img = inst.image_size
-    b = inst.boxes
-    boxes = np.stack([b[:, 1], w_img - b[:, 2], b[:, 3], w_img - b[:, 0]], axis=1)
-    widths = np.array([m.shape[1] for m in inst.masks], np.int64)
-    origins = np.zeros_like(inst.mask_origins)
-    if len(inst):
-        origins[:, 0] = w_img - inst.mask_origins[:, 1] - widths
-        origins[:, 1] = inst.mask_origins[:, 0]
-    return Instances(
-        image_size=(w_img, h_img),
-        boxes=boxes,
-        scores=inst.scores.copy(),
-        classes=inst.classes.copy(),
-        masks=[np.ascontiguousarray(np.rot90(m)) for m in inst.masks],
-        mask_origins=origins,
-    )
+    return _undo_geometry(inst, 3, False)
 
 
 def _interp_matrix(n_out: int, out_start: int, factor: float, in_start: int, n_in: int) -> np.ndarray:
@@ -249,12 +281,7 @@ def invert_instances(inst: Instances, t: TTATransform, image_size: tuple[int, in
         raise ValueError(
             f"predictions for TTA variant {t.name} have image size {inst.image_size}, expected {expected}"
         )
-    out = inst
-    if t.k:
-        for _ in range(4 - t.k):
-            out = _rot90_once(out)
-    if t.flip:
-        out = _fliplr(out)
+    out = _undo_geometry(inst, t.k, t.flip) if (t.k or t.flip) else inst
     if t.scale != 1.0:
         out = _rescale(out, image_size)
     return out

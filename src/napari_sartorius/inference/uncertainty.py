@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .crop_table import CropTable, count_intersections
 
 __all__ = [
     "MATCH_IOU",
@@ -80,80 +81,144 @@ def combine(found, mask_iou, score_spread, weights: Sequence[float] = UNCERTAINT
 class ClusterAgreement:
     """Collects fused cells (one :meth:`add` each), then computes their three agreements at once.
 
-    All candidates are binarised in one pass; per member, one slice of the fused mask and one count;
-    the IoUs, the best member per (cell, source) and the per-cell statistics are vectorised (fusion
-    time matters: ``benchmarks/bench_review.py`` measures the cost).
+    All candidates are binarised in one pass over one flat table of their crops
+    (:class:`~.crop_table.CropTable`); :meth:`columns` counts the pixels every member shares with its
+    fused cell for all (cell, member) pairs at once (:func:`~.crop_table.count_intersections`), and the
+    IoUs, the best member per (cell, source) and the per-cell statistics are vectorised (fusion time
+    matters: ``benchmarks/bench_review.py --cost`` and ``benchmarks/bench_postforward.py`` measure it).
 
     Args:
         masks, origins: every candidate's mask crop (float probabilities) and its ``(y0, x0)``.
         src: int ``(M,)`` source index of every candidate; scores: ``(M,)`` raw scores.
         source_weights: ``(S,)`` positive weight of each source.
         mask_threshold: probability at which masks are binarised.
+        table: the candidates' :class:`~.crop_table.CropTable` when the caller has built it already.
     """
 
-    def __init__(self, masks, origins, src, scores, source_weights, mask_threshold: float = 0.5):
+    def __init__(self, masks, origins, src, scores, source_weights, mask_threshold: float = 0.5,
+                 table: CropTable | None = None):
         self.masks, self.origins = masks, origins
         self.src = np.asarray(src, np.int64)
         self.scores = np.asarray(scores, np.float64)
         self.w = np.asarray(source_weights, np.float64)
         self.thr = np.float32(mask_threshold)
-        # every candidate binarised in one pass: flat bits, offsets and areas
-        sizes = np.fromiter((m.size for m in masks), np.int64, len(masks))
-        self._ends = np.cumsum(sizes)
-        self._starts = self._ends - sizes
-        flat = np.concatenate([m.ravel() for m in masks]) if masks else np.zeros(0, np.float32)
-        self._bits = flat >= self.thr
-        # crops are never empty (at least 1 x 1), so reduceat's segments are the crops
-        self.areas = (
-            np.add.reduceat(self._bits.view(np.uint8), self._starts, dtype=np.int64)
-            if len(masks) else np.zeros(0, np.int64)
-        )
-        self._starts_l = self._starts.tolist()
-        self._cell: list[int] = []
-        self._member: list[int] = []
-        self._inter: list[int] = []
-        self._fused_area: list[int] = []
+        self._table = table
+        self._bits: np.ndarray | None = None
+        self._areas: np.ndarray | None = None
+        # in order of addition: ("cell", crop, origin, members) or ("counted", n, members, counts, ...)
+        self._parts: list[tuple] = []
         self._n = 0
 
+    @property
+    def table(self) -> CropTable:
+        """Every candidate's crop in one flat table (built on first use)."""
+        if self._table is None:
+            self._table = CropTable.from_crops(self.masks, np.asarray(self.origins, np.int64).reshape(-1, 2))
+        return self._table
+
+    @property
+    def areas(self) -> np.ndarray:
+        """int64 ``(M,)`` pixels of every candidate's crop at ``>=`` the mask threshold."""
+        if self._areas is None:
+            # every candidate binarised in one pass; areas counted crop by crop (no large temporary)
+            t = self.table
+            self._bits = t.flat >= self.thr
+            bits, starts, sizes = self._bits, t.starts.tolist(), t.sizes.tolist()
+            self._areas = np.fromiter(
+                (np.count_nonzero(bits[s : s + n]) for s, n in zip(starts, sizes)), np.int64, len(sizes)
+            )
+        return self._areas
+
     def add(self, crop: np.ndarray, origin, members: Sequence[int]) -> None:
-        """One fused cell: its mask ``crop`` at ``(y0, x0)`` ``origin`` and its members' candidate indices."""
-        k = self._n
+        """One fused cell: its mask ``crop`` at ``(y0, x0)`` ``origin`` and its members' candidate indices
+        (the pixel work is done for all cells at once by :meth:`columns`)."""
+        self._parts.append(("cell", crop, origin, members))
         self._n += 1
-        if len(members) == 1 and crop is self.masks[members[0]]:  # the fused mask is this member's crop
-            m = members[0]
-            a = int(self.areas[m])
-            self._cell.append(k), self._member.append(m), self._inter.append(a), self._fused_area.append(a)
-            return
-        fb = crop >= self.thr
-        fa = int(np.count_nonzero(fb))
-        fy, fx = origin
-        fh, fw = fb.shape
-        bits, starts, origins, masks = self._bits, self._starts_l, self.origins, self.masks
-        for m in members:
-            h, w = masks[m].shape
-            my, mx = origins[m]
-            mb = bits[starts[m] : starts[m] + h * w].reshape(h, w)
-            dy, dx = my - fy, mx - fx
-            if dy >= 0 and dx >= 0 and dy + h <= fh and dx + w <= fw:  # inside the fused window (averaging)
-                inter = int(np.count_nonzero(fb[dy : dy + h, dx : dx + w] & mb))
-            else:
-                y0, x0 = max(dy, 0), max(dx, 0)
-                y1, x1 = min(dy + h, fh), min(dx + w, fw)
-                inter = 0
-                if y1 > y0 and x1 > x0:
-                    inter = int(np.count_nonzero(fb[y0:y1, x0:x1] & mb[y0 - dy : y1 - dy, x0 - dx : x1 - dx]))
-            self._cell.append(k)
-            self._member.append(m)
-            self._inter.append(inter)
-            self._fused_area.append(fa)
+
+    def add_counted(self, members, counts, member_area, inter, fused_area) -> None:
+        """Fused cells whose pixel counts the caller has already made (fusion's mask averaging,
+        :func:`~.crop_table.average_groups`, counts them on the way).
+
+        Args:
+            members: int ``(R,)`` the cells' members' candidate indices, cell after cell.
+            counts: int ``(n,)`` members of each of the ``n`` cells.
+            member_area, inter: int ``(R,)`` each member's pixels at the mask threshold, and those of
+                them also in its cell's fused mask at the threshold.
+            fused_area: int ``(n,)`` each fused mask's pixels at the threshold.
+        """
+        counts = np.asarray(counts, np.int64)
+        self._parts.append(("counted", len(counts), np.asarray(members, np.int64), counts,
+                            np.asarray(member_area, np.int64), np.asarray(inter, np.int64),
+                            np.asarray(fused_area, np.int64)))
+        self._n += len(counts)
+
+    def _pairs(self):
+        """(cell, member, intersection, member area, fused area) int64 arrays, one row per
+        (cell, member) pair, ordered by cell then member as added."""
+        cells, members, inters, m_areas, f_areas = [], [], [], [], []
+        pending: list[tuple] = []
+        offset = 0
+        for part in self._parts:
+            if part[0] == "cell":
+                pending.append((offset,) + part[1:])
+                offset += 1
+                continue
+            _, n, mem, cnt, ma, it, fa = part
+            cells.append(offset + np.repeat(np.arange(n, dtype=np.int64), cnt))
+            members.append(mem)
+            inters.append(it)
+            m_areas.append(ma)
+            f_areas.append(np.repeat(fa, cnt))
+            offset += n
+        if pending:
+            for a, part in zip((cells, members, inters, m_areas, f_areas), self._count(pending)):
+                a.append(part)
+        if not cells:
+            return tuple(np.zeros(0, np.int64) for _ in range(5))
+        cell, member, inter, m_area, f_area = (np.concatenate(a) for a in (cells, members, inters, m_areas, f_areas))
+        order = np.argsort(cell, kind="stable")
+        return cell[order], member[order], inter[order], m_area[order], f_area[order]
+
+    def _count(self, pending):
+        """The pixel counts of cells added one by one: ``pending`` holds (cell, crop, origin, members)."""
+        n = len(pending)
+        counts = np.fromiter((len(p[3]) for p in pending), np.int64, n)
+        cell_ids = np.fromiter((p[0] for p in pending), np.int64, n)
+        cell = np.repeat(cell_ids, counts)
+        member = np.concatenate([np.asarray(p[3], np.int64).reshape(-1) for p in pending])
+        areas, masks = self.areas, self.masks
+        # a cell whose mask is its one member's crop (a singleton cluster) needs no pixel work
+        same = np.fromiter((len(p[3]) == 1 and p[1] is masks[p[3][0]] for p in pending), bool, n)
+        fused_area = np.zeros(n, np.int64)
+        inter = np.zeros(len(cell), np.int64)
+        local = np.repeat(np.arange(n), counts)
+        pair_same = same[local]
+        fused_area[same] = areas[member[pair_same]]
+        inter[pair_same] = areas[member[pair_same]]
+        todo = np.flatnonzero(~same)
+        if len(todo):
+            fused = CropTable.from_crops([pending[k][1] for k in todo.tolist()],
+                                         np.asarray([pending[k][2] for k in todo.tolist()], np.int64))
+            fbits = fused.flat >= self.thr
+            fstarts, fsizes = fused.starts.tolist(), fused.sizes.tolist()
+            fused_area[todo] = np.fromiter(
+                (np.count_nonzero(fbits[s : s + k]) for s, k in zip(fstarts, fsizes)), np.int64, len(todo)
+            )
+            slot = np.full(n, -1, np.int64)
+            slot[todo] = np.arange(len(todo))
+            rows = np.flatnonzero(~pair_same)
+            windows = np.stack([fused.oy, fused.ox, fused.hs, fused.ws], axis=1)
+            inter[rows] = count_intersections(
+                self._bits, self.table, member[rows], fbits, fused.starts, windows, slot[local[rows]]
+            )
+        return cell, member, inter, areas[member], fused_area[local]
 
     def columns(self, order: np.ndarray | None = None, weights=UNCERTAINTY_WEIGHTS) -> dict[str, np.ndarray]:
         """The columns ``uncertainty``, ``found``, ``mask_iou``, ``score_spread`` (float32, in ``order``)."""
         n = self._n
-        cell = np.asarray(self._cell, np.int64)
-        member = np.asarray(self._member, np.int64)
-        inter = np.asarray(self._inter, np.float64)
-        union = self.areas[member] + np.asarray(self._fused_area, np.float64) - inter
+        cell, member, inter, member_area, fused_area = self._pairs()
+        inter = inter.astype(np.float64)
+        union = member_area.astype(np.float64) + fused_area.astype(np.float64) - inter
         iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
         src = self.src[member]
         # the best member of each (cell, source): sort by cell, source, decreasing IoU

@@ -87,17 +87,17 @@ def paste_crops(
     order_host = order.cpu().numpy()
     flats: list[Tensor] = []
     chunk_order: list[np.ndarray] = []
+    hs_sorted, ws_sorted = hs_host[order_host], ws_host[order_host]
     start = 0
     while start < n:
-        # grow the chunk while its padded size fits (sorted by area, so the last is about the largest)
-        stop = start + 1
-        hmax, wmax = int(hs_host[order_host[start]]), int(ws_host[order_host[start]])
-        while stop < n:
-            k = order_host[stop]
-            h2, w2 = max(hmax, int(hs_host[k])), max(wmax, int(ws_host[k]))
-            if (stop + 1 - start) * h2 * w2 > max_elements:
-                break
-            hmax, wmax, stop = h2, w2, stop + 1
+        # grow the chunk while its padded size fits (sorted by area, so the last is about the largest):
+        # the padded size of the first k crops, k x running max height x running max width, only grows
+        hm = np.maximum.accumulate(hs_sorted[start:].astype(np.int64))
+        wm = np.maximum.accumulate(ws_sorted[start:].astype(np.int64))
+        padded = np.arange(1, n - start + 1, dtype=np.int64) * hm * wm
+        count = max(int(np.searchsorted(padded, max_elements, side="right")), 1)
+        stop = start + count
+        hmax, wmax = int(hm[count - 1]), int(wm[count - 1])
         idx = order[start:stop]
         b, w_ = boxes[idx], win[idx]
         wy = _weights(w_[:, 0], hs[idx], b[:, 1], b[:, 3], hmax, m_h)
@@ -110,11 +110,11 @@ def paste_crops(
         chunk_order.append(order_host[start:stop])
         start = stop
     flat = torch.cat(flats).cpu().numpy()  # the one copy to the host: the crops' own pixels only
+    in_order = np.concatenate(chunk_order)
+    h_o, w_o = hs_host[in_order].astype(np.int64), ws_host[in_order].astype(np.int64)
+    ends = np.cumsum(h_o * w_o)
     out: list[np.ndarray | None] = [None] * n
-    pos = 0
-    for k in np.concatenate(chunk_order):
-        size = int(hs_host[k]) * int(ws_host[k])
-        out[k] = flat[pos : pos + size].reshape(int(hs_host[k]), int(ws_host[k]))
-        pos += size
+    for k, e, h, w in zip(in_order.tolist(), ends.tolist(), h_o.tolist(), w_o.tolist()):
+        out[k] = flat[e - h * w : e].reshape(h, w)
     origins = win[:, :2].cpu().numpy().astype(np.int64)
     return out, origins  # type: ignore[return-value]
