@@ -208,3 +208,29 @@ def test_wbf_clustering_on_a_grid_equals_the_dense_loop(iou_thr, seed):
         want = reference_cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, False)
         for g, r in zip(got, want):
             np.testing.assert_array_equal(g, r)
+
+
+@pytest.mark.parametrize("method", ["wbf", "nms", "soft_nms"])
+def test_uncertainty_of_unaveraged_clusters_equals_the_per_member_loop(method, monkeypatch):
+    """average_masks=False (each cell keeps its top member's crop): the cells are counted one by one
+    (ClusterAgreement.add), against the reference agreement."""
+    import napari_sartorius.inference.ensemble as ens
+
+    rng = np.random.default_rng(5)
+    sources = canned_sources(rng)
+    got = fuse_instances(sources, method=method, average_masks=False)
+    monkeypatch.setattr(ens, "ClusterAgreement", ReferenceClusterAgreement)
+    want = fuse_instances(sources, method=method, average_masks=False)
+    assert len(got) == len(want) > 0
+    for name in want.columns:
+        np.testing.assert_array_equal(got.columns[name], want.columns[name], err_msg=name)
+
+
+def test_empty_and_single_candidate_fusions_keep_their_columns():
+    empty = Instances(SIZE)
+    fused = fuse_instances([empty, empty])
+    assert len(fused) == 0 and set(fused.columns) == {"uncertainty", "found", "mask_iou", "score_spread"}
+    one = Instances(SIZE, [[2, 2, 9, 9]], [0.8], [0], [np.full((9, 9), 0.9, np.float32)], [[1, 1]])
+    fused = fuse_instances([one, empty])
+    assert len(fused) == 1 and fused.masks[0] is one.masks[0]
+    assert fused.columns["found"][0] == pytest.approx(0.5) and fused.columns["mask_iou"][0] == pytest.approx(1.0)
