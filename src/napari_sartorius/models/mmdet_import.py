@@ -196,7 +196,16 @@ _RULES = [
     (re.compile(r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.(weight|bias)$"), r"roi_heads.mask_head.\1.0.\2"),
     (re.compile(r"^roi_head\.mask_head\.upsample\.(weight|bias)$"), r"roi_heads.mask_predictor.conv5_mask.\1"),
     (re.compile(r"^roi_head\.mask_head\.conv_logits\.(weight|bias)$"), r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
+    # Cascade Mask R-CNN: the same heads once per stage s (2.x and 3.x names)
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.(weight|bias)$"), r"roi_heads.box_head.\1.fc6.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.1\.(weight|bias)$"), r"roi_heads.box_head.\1.fc7.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_cls\.(weight|bias)$"), r"roi_heads.box_predictor.\1.cls_score.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_reg\.(weight|bias)$"), r"roi_heads.box_predictor.\1.bbox_pred.\2"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\.(weight|bias)$"), r"roi_heads.mask_head.\1.\2.0.\3"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.upsample\.(weight|bias)$"), r"roi_heads.mask_predictor.\1.conv5_mask.\2"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.conv_logits\.(weight|bias)$"), r"roi_heads.mask_predictor.\1.mask_fcn_logits.\2"),
 ]
+_STAGE_REG_BIAS = re.compile(r"^roi_heads\.box_predictor\.(\d+)\.bbox_pred\.bias$")
 _IGNORABLE = [
     (re.compile(r"(^|\.)num_batches_tracked$"), "BatchNorm step counter (unused at inference)"),
     (re.compile(r"^ema_"), "exponential-moving-average copy kept by MMDetection's EMA hook"),
@@ -237,9 +246,12 @@ def _convert_rpn(new: str, value: torch.Tensor, facts: Mapping) -> torch.Tensor:
     return value
 
 
-def _fold_box_means(value: torch.Tensor, facts: Mapping) -> torch.Tensor:
-    """``fc_reg`` bias + mean / std for each of its 4-row blocks (weights unchanged)."""
-    offset = torch.tensor([m / s for m, s in zip(facts["bbox_means"], facts["bbox_stds"])], dtype=value.dtype)
+def _fold_box_means(value: torch.Tensor, facts: Mapping, stage: int | None = None) -> torch.Tensor:
+    """``fc_reg`` bias + mean / std for each of its 4-row blocks (weights unchanged); ``stage``: the
+    cascade stage whose coder applies."""
+    means = facts["bbox_means"] if stage is None else facts["stage_bbox_means"][stage]
+    stds = facts["bbox_stds"] if stage is None else facts["stage_bbox_stds"][stage]
+    offset = torch.tensor([m / s for m, s in zip(means, stds)], dtype=value.dtype)
     if value.shape[0] % 4:
         return value
     return value + offset.repeat(value.shape[0] // 4)
@@ -260,6 +272,8 @@ def _class_rows(new: str, value: torch.Tensor, want: torch.Size, k: int, source:
             raise fail(f"{k + 1} (K + 1, background last)")
         return torch.cat([value[k:], value[:k]])
     if ".bbox_pred." in new:
+        if rows == 4 and want[0] == 4:  # a cascade stage: class-agnostic on both sides
+            return value
         if rows == 4:
             return value.repeat((k + 1,) + (1,) * (value.dim() - 1))
         if rows != 4 * k:
@@ -318,7 +332,10 @@ def convert_mmdet_state(
             value = _convert_rpn(new, value, facts)
         if new == "roi_heads.box_predictor.bbox_pred.bias":
             value = _fold_box_means(value, facts)
-        if new.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")):
+        stage = _STAGE_REG_BIAS.match(new)
+        if stage is not None:  # a cascade stage's fc_reg: that stage's coder
+            value = _fold_box_means(value, facts, int(stage.group(1)))
+        if new.startswith("roi_heads.box_predictor.") or ".mask_fcn_logits." in new:
             value = _class_rows(new, value, want.shape, num_classes, source)
         if tuple(value.shape) != tuple(want.shape):
             bad_shapes.append(f"{name} {tuple(value.shape)} -> {new} {tuple(want.shape)}")
