@@ -29,6 +29,7 @@ from napari_sartorius.models.model_files import looks_like_mmdet, resolve_model_
 
 CLASSES = ("shsy5y", "astro", "cort")
 MEANS = [[0.01, -0.02, 0.03, 0.0], [0.0, 0.01, -0.01, 0.02], [0.02, 0.0, 0.0, -0.03]]
+FC = 128
 STDS = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
 
 
@@ -52,6 +53,7 @@ def _cfg(version: str = "3.x", classes: int = 3, means=MEANS) -> dict:
     roi = cfg["model"]["roi_head"]
     for s, head in enumerate(roi["bbox_head"]):
         head["num_classes"] = classes
+        head["fc_out_channels"] = FC  # small fc layers: fast to build, same code paths
         head["bbox_coder"]["target_means"] = list(means[s])
     roi["mask_head"]["num_classes"] = classes
     return cfg
@@ -152,9 +154,9 @@ def test_each_stage_folds_its_own_means_and_keeps_four_agnostic_rows(tmp_path):
     mm = to_mmdet_cascade(model.state_dict())
     w = _save(tmp_path / "e.pth", mm, {"cfg": _text(cfg), "dataset_meta": {"classes": CLASSES}})
     got = load_mmdet_model(w)[0].state_dict()
-    x = torch.randn(1024)
+    x = torch.randn(FC)
     for s in range(3):
-        assert got[f"roi_heads.box_predictor.{s}.bbox_pred.weight"].shape == (4, 1024)
+        assert got[f"roi_heads.box_predictor.{s}.bbox_pred.weight"].shape == (4, FC)
         raw = mm[f"roi_head.bbox_head.{s}.fc_reg.weight"] @ x + mm[f"roi_head.bbox_head.{s}.fc_reg.bias"]
         mm_delta = raw * torch.tensor(STDS[s]) + torch.tensor(MEANS[s])  # MMDetection's denormalised delta
         ours = got[f"roi_heads.box_predictor.{s}.bbox_pred.weight"] @ x + got[f"roi_heads.box_predictor.{s}.bbox_pred.bias"]
@@ -180,12 +182,9 @@ def test_a_stage_missing_or_extra_is_listed(tmp_path):
     missing = {k: v for k, v in mm.items() if not k.startswith("roi_head.mask_head.2.")}
     with pytest.raises(MMDetImportError, match=r"roi_heads\.mask_(head|predictor)\.2\."):
         load_mmdet_model(_save(tmp_path / "m.pth", missing, meta))
-    extra = dict(mm, **{"roi_head.bbox_head.3.fc_cls.weight": torch.zeros(4, 1024)})
+    extra = dict(mm, **{"roi_head.bbox_head.3.fc_cls.weight": torch.zeros(4, FC)})
     with pytest.raises(MMDetImportError, match=r"roi_head\.bbox_head\.3\.fc_cls"):
         load_mmdet_model(_save(tmp_path / "x.pth", extra, meta))
-    htc = dict(mm, **{"roi_head.semantic_head.conv_logits.weight": torch.zeros(1)})
-    with pytest.raises(MMDetImportError, match="semantic_head"):
-        load_mmdet_model(_save(tmp_path / "h.pth", htc, meta))
 
 
 def test_stage_iou_thresholds_and_loss_weights_come_from_the_config():
@@ -239,7 +238,7 @@ def _mmdet_reference(heads: MMDetCascadeRoIHeads, features, proposals, image_sha
 def test_test_time_rules_follow_mmdetection():
     model = _model(_cfg(), seed=3)
     heads = model.roi_heads
-    heads.score_thresh, heads.detections_per_img = 0.0, 1000
+    heads.score_thresh, heads.detections_per_img = 0.0, 24
     with torch.no_grad():
         for s in range(3):  # spread, stage-specific class logits: averaging logits != averaging probabilities
             heads.box_predictor[s].cls_score.weight.normal_(0, 0.3)
@@ -247,8 +246,8 @@ def test_test_time_rules_follow_mmdetection():
             heads.mask_predictor[s].mask_fcn_logits.weight.normal_(0, 0.5)
     g = torch.Generator().manual_seed(0)
     features = {k: torch.randn(1, 256, 64 // 2**i, 64 // 2**i, generator=g) for i, k in enumerate(["0", "1", "2", "3", "pool"])}
-    xy = torch.rand(40, 2, generator=g) * 180
-    proposals = torch.cat([xy, xy + 8 + torch.rand(40, 2, generator=g) * 60], 1).clamp(max=255)
+    xy = torch.rand(16, 2, generator=g) * 180
+    proposals = torch.cat([xy, xy + 8 + torch.rand(16, 2, generator=g) * 60], 1).clamp(max=255)
     shape = (256, 256)
     with torch.no_grad():
         ref_boxes, ref_scores = _mmdet_reference(heads, features, proposals, shape)
@@ -267,7 +266,7 @@ def test_test_time_rules_follow_mmdetection():
         stages = [heads.mask_predictor[k](heads.mask_head[k](pooled))[rows, out["labels"]].sigmoid() for k in range(3)]
         assert torch.allclose(out["masks"][:, 0], sum(stages) / 3, atol=1e-6)
         assert not torch.allclose(out["masks"][:, 0], stages[2], atol=1e-3)
-    assert len(out["boxes"]) > 10
+    assert len(out["boxes"]) == 24
 
 
 def test_training_step_trains_every_stage_mask_head():
