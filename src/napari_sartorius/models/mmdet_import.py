@@ -1,4 +1,4 @@
-"""Import MMDetection (2.x / 3.x) Mask R-CNN checkpoints without MMDetection.
+"""Import MMDetection (2.x / 3.x) Mask R-CNN and Cascade Mask R-CNN checkpoints without MMDetection.
 
 Reading never runs code from the file: the checkpoint goes through ``torch.load(weights_only=True)``.
 mmengine's training checkpoints also pickle its log buffers (``message_hub``: ``HistoryBuffer`` objects
@@ -16,14 +16,20 @@ Name mapping onto the project model (:mod:`.architectures`): ``backbone.*`` -> `
 ``rpn.head.conv.0.0/cls_logits/bbox_pred``, ``roi_head.bbox_head.shared_fcs.0/1`` -> ``box_head.fc6/fc7``,
 ``fc_cls``/``fc_reg`` -> ``box_predictor.cls_score``/``bbox_pred``, ``roi_head.mask_head.convs.i.conv`` ->
 ``mask_head.i.0``, ``upsample`` -> ``mask_predictor.conv5_mask``, ``conv_logits`` -> ``mask_fcn_logits``.
+Cascade Mask R-CNN (:mod:`.mmdet_cascade`): the same per stage s, ``roi_head.bbox_head.{s}.*`` ->
+``roi_heads.box_head.{s}.*`` / ``roi_heads.box_predictor.{s}.*``, ``roi_head.mask_head.{s}.*`` ->
+``roi_heads.mask_head.{s}.*`` / ``roi_heads.mask_predictor.{s}.*`` (2.x and 3.x use the same names).
 
-Tensor conversions (each tested in ``tests/models/test_mmdet_import.py``):
+Tensor conversions (each tested in ``tests/models/test_mmdet_import.py``, per cascade stage in
+``test_mmdet_cascade_import.py``):
 
 * classifier rows: MMDetection puts background **last** (``fc_cls`` ``(K + 1, D)``), the project first;
-* ``fc_reg`` ``(4 K, D)`` -> a zero background block first; class-agnostic ``(4, D)`` -> repeated per class;
+* ``fc_reg`` ``(4 K, D)`` -> a zero background block first; class-agnostic ``(4, D)`` -> repeated per class
+  (a cascade stage's class-agnostic ``(4, D)`` is kept: the project's stages are class-agnostic too);
   ``conv_logits`` ``(K, ...)`` -> a zero background channel first; class-agnostic ``(1, ...)`` -> repeated;
 * box-coder ``target_means`` are folded into the regression biases (``b + mean / std`` for the R-CNN
-  head, whose ``target_stds`` become ``bbox_reg_weights = 1 / std``); the RPN's ``target_stds`` and
+  head, whose ``target_stds`` become ``bbox_reg_weights = 1 / std``; each cascade stage with its own
+  means and stds, which become that stage's ``cascade_bbox_reg_weights``); the RPN's ``target_stds`` and
   ``target_means`` are folded into ``rpn_reg`` (rows scaled by std, bias ``b * std + mean``), since the
   project's RPN decodes with unit weights;
 * anchors: with several ``scales`` and ``ratios`` per level and ``scale_major=True`` (MMDetection's
@@ -42,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..cell_types import DEFAULT_CLASSES
-from .detectron2_import import ImportReport, _is_torch_file, _numpy_safe_globals
+from .detectron2_import import ImportReport, _is_torch_file, _numpy_safe_globals, raise_for_unplaced
 
 __all__ = [
     "MMDetImportError",
@@ -342,17 +348,7 @@ def convert_mmdet_state(
             continue
         out[new] = value.to(dtype=want.dtype)
         report.mapped[new] = name
-    if unmapped:
-        shown = ", ".join(sorted(unmapped)[:8])
-        raise MMDetImportError(
-            f"{source}: {len(unmapped)} MMDetection tensor(s) have no place in the project model "
-            f"(e.g. {shown}); the checkpoint does not match its config's architecture"
-        )
-    if bad_shapes:
-        raise MMDetImportError(
-            f"{source}: {len(bad_shapes)} tensor(s) have the wrong shape for the config's architecture: "
-            + "; ".join(bad_shapes[:5])
-        )
+    raise_for_unplaced(MMDetImportError, source, "MMDetection", unmapped, bad_shapes, config="its config's")
     missing = [k for k in target_state if k not in out]
     if missing:
         raise MMDetImportError(
