@@ -6,6 +6,7 @@ MMDetection's names and layout, 80 COCO classes as the model zoo's, the config t
 prints the median wall and CPU time and the process's peak resident memory.
 
     python benchmarks/bench_mmdet_import.py [--config mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py] [--runs 3]
+    python benchmarks/bench_mmdet_import.py --config cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from napari_sartorius.models.mmdet_config import load_mmdet_config, mmdet_to_mod
 from napari_sartorius.models.mmdet_import import import_mmdet
 
 _NAMES = [  # project name -> MMDetection name
+    # cascade stages first (their names hold the stage index)
+    (r"^roi_heads\.box_head\.(\d)\.fc6\.", r"roi_head.bbox_head.\1.shared_fcs.0."),
+    (r"^roi_heads\.box_head\.(\d)\.fc7\.", r"roi_head.bbox_head.\1.shared_fcs.1."),
+    (r"^roi_heads\.box_predictor\.(\d)\.cls_score\.", r"roi_head.bbox_head.\1.fc_cls."),
+    (r"^roi_heads\.box_predictor\.(\d)\.bbox_pred\.", r"roi_head.bbox_head.\1.fc_reg."),
+    (r"^roi_heads\.mask_head\.(\d)\.(\d)\.0\.", r"roi_head.mask_head.\1.convs.\2.conv."),
+    (r"^roi_heads\.mask_predictor\.(\d)\.conv5_mask\.", r"roi_head.mask_head.\1.upsample."),
+    (r"^roi_heads\.mask_predictor\.(\d)\.mask_fcn_logits\.", r"roi_head.mask_head.\1.conv_logits."),
     (r"^backbone\.body\.(layer\d\.\d+\.conv2)\.offset\.", r"backbone.\1.conv_offset."),
     (r"^backbone\.body\.", "backbone."),
     (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.", r"neck.lateral_convs.\1.conv."),
@@ -45,7 +54,8 @@ _NAMES = [  # project name -> MMDetection name
 def write_checkpoint(config_name: str, path: Path) -> int:
     """A synthetic MMDetection checkpoint of ``config_name`` at ``path``; returns its size in bytes."""
     cfg = load_mmdet_config(config_name)
-    k = cfg["model"]["roi_head"]["bbox_head"]["num_classes"]
+    head = cfg["model"]["roi_head"]["bbox_head"]
+    k = (head[-1] if isinstance(head, list) else head)["num_classes"]
     classes = tuple(f"class{i}" for i in range(k))
     config, _ = mmdet_to_model_config(cfg, classes)
     state = {}
@@ -53,7 +63,7 @@ def write_checkpoint(config_name: str, path: Path) -> int:
         name = next(re.sub(p, r, key) for p, r in _NAMES if re.match(p, key))
         if ".fc_cls." in name:
             v = torch.cat([v[1:], v[:1]])
-        elif ".fc_reg." in name:
+        elif ".fc_reg." in name and len(v) > 4:  # class-specific: no background block (cascade: 4 rows)
             v = v[4:]
         elif ".conv_logits." in name:
             v = v[1:]

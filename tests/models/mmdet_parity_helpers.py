@@ -134,6 +134,17 @@ def install_torchvision_ops() -> None:
 
 
 
+def class_overrides(name: str, num_classes: int = 3, num_stages: int = 3) -> dict:
+    """``merge_from_dict`` keys setting ``num_classes`` of the box and mask heads of config ``name``
+    (a cascade's ``bbox_head`` is a list of stages; its one ``mask_head`` dict serves every stage)."""
+    if "cascade" in name:
+        out = {f"model.roi_head.bbox_head.{s}.num_classes": num_classes for s in range(num_stages)}
+    else:
+        out = {"model.roi_head.bbox_head.num_classes": num_classes}
+    out["model.roi_head.mask_head.num_classes"] = num_classes
+    return out
+
+
 def image(seed: int, H: int = 256, W: int = 320) -> np.ndarray:
     """A uint8 (H, W, 3) RGB image of blurred blobs whose channels differ (checks the BGR handling)."""
     from scipy import ndimage

@@ -166,9 +166,30 @@ def test_unsupported_options_are_refused_by_name(dotted, value, named):
 
 
 @pytest.mark.parametrize("name", ["cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py", "cascade_rcnn/cascade_mask_rcnn_r50_fpn_1x_coco.py"])
-def test_cascade_is_refused_with_the_reason(name):
-    with pytest.raises(UnsupportedMMDetConfigError, match="mask head per stage"):
-        _convert(load_mmdet_config(name), [str(i) for i in range(80)])
+def test_cascade_becomes_the_mmdetection_style_cascade(name):
+    config, facts = _convert(load_mmdet_config(name), [str(i) for i in range(80)])
+    assert config.arch == "mmdet_cascade_mask_rcnn_R_50_FPN" and config.cascade_iou_thresholds == (0.5, 0.6, 0.7)
+    assert config.cascade_bbox_reg_weights[1] == (20.0, 20.0, 10.0, 10.0)
+    assert facts["stage_bbox_stds"][2] == [0.033, 0.033, 0.067, 0.067] and not facts["warnings"]
+
+
+@pytest.mark.parametrize(
+    "model_type, roi_type, named",
+    [
+        ("HybridTaskCascade", "HybridTaskCascadeRoIHead", "HTC"),
+        ("SCNet", "SCNetRoIHead", "SCNet"),
+        ("CascadeRCNN", "HybridTaskCascadeRoIHead", "HTC"),
+        ("CascadeRCNN", "SCNetRoIHead", "SCNet"),
+        ("CascadeRCNN", "StandardRoIHead", "'CascadeRoIHead' for a CascadeRCNN"),
+        ("MaskRCNN", "CascadeRoIHead", "'StandardRoIHead' for a MaskRCNN"),
+    ],
+)
+def test_other_cascades_are_refused_by_name(model_type, roi_type, named):
+    cfg = load_mmdet_config("cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py")
+    cfg["model"]["type"], cfg["model"]["roi_head"]["type"] = model_type, roi_type
+    with pytest.raises(UnsupportedMMDetConfigError) as info:
+        _convert(cfg, [str(i) for i in range(80)])
+    assert named in str(info.value)
 
 
 def test_resnext_widths_without_a_project_body_are_refused():

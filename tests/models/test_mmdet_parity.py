@@ -25,7 +25,14 @@ if not mmdet.__version__.startswith("3."):
     pytest.skip("MMDetection 3.x parity (2.x: test_mmdet2_parity.py)", allow_module_level=True)
 
 
-from mmdet_parity_helpers import assert_same_instances, condition, image, install_torchvision_ops, pick_threshold  # noqa: E402
+from mmdet_parity_helpers import (  # noqa: E402
+    assert_same_instances,
+    class_overrides,
+    condition,
+    image,
+    install_torchvision_ops,
+    pick_threshold,
+)
 
 install_torchvision_ops()
 from mmdet.registry import MODELS  # noqa: E402
@@ -103,8 +110,7 @@ def mmdet_side(tmp_path, name: str, scales, extra: dict, seed: int):
     cfg.merge_from_dict(
         {
             "model.rpn_head.anchor_generator.scales": scales,
-            "model.roi_head.bbox_head.num_classes": 3,
-            "model.roi_head.mask_head.num_classes": 3,
+            **class_overrides(name),
             "model.test_cfg.rpn.nms_pre": 100000,
             "model.test_cfg.rpn.max_per_img": 100000,
             "model.test_cfg.rcnn.max_per_img": 1000,

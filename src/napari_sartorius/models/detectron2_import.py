@@ -349,6 +349,23 @@ class ImportReport:
     warnings: list[str] = field(default_factory=list)
 
 
+def raise_for_unplaced(error: type[Exception], source: str, library: str, unmapped, bad_shapes, config: str = "the config's") -> None:
+    """Raise ``error`` listing the file's tensors with no place in the project model (``unmapped``
+    names), else those of the wrong shape (``"name (shape) -> project name (shape)"`` lines); the
+    detectron2 and MMDetection imports share it. ``library`` names the file's origin in the message."""
+    if unmapped:
+        shown = ", ".join(sorted(unmapped)[:8])
+        raise error(
+            f"{source}: {len(unmapped)} {library} tensor(s) have no place in the project model "
+            f"(e.g. {shown}); the checkpoint does not match {config} architecture"
+        )
+    if bad_shapes:
+        raise error(
+            f"{source}: {len(bad_shapes)} tensor(s) have the wrong shape for the config's architecture: "
+            + "; ".join(bad_shapes[:5])
+        )
+
+
 def convert_detectron2_state(
     d2_state: Mapping[str, torch.Tensor],
     target_state: Mapping[str, torch.Tensor],
@@ -401,17 +418,7 @@ def convert_detectron2_state(
             continue
         out[new] = value.to(dtype=want.dtype)
         report.mapped[new] = name
-    if unmapped:
-        shown = ", ".join(sorted(unmapped)[:8])
-        raise Detectron2ImportError(
-            f"{source}: {len(unmapped)} detectron2 tensor(s) have no place in the project model "
-            f"(e.g. {shown}); the checkpoint does not match the config's architecture"
-        )
-    if bad_shapes:
-        raise Detectron2ImportError(
-            f"{source}: {len(bad_shapes)} tensor(s) have the wrong shape for the config's architecture: "
-            + "; ".join(bad_shapes[:5])
-        )
+    raise_for_unplaced(Detectron2ImportError, source, "detectron2", unmapped, bad_shapes)
     missing = [k for k in target_state if k not in out]
     for k in list(missing):
         # BatchNorm step counters (detectron2's are ignored above): unused at inference, start at 0.

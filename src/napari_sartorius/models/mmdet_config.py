@@ -21,9 +21,11 @@ the network and its test-time behaviour, and either converts it or raises
   ``nms`` IoU, ``max_per_img``; ``mask_thr_binary`` is recorded in the provenance (the project's mask
   threshold is a post-processing setting) with a warning when it is not 0.5.
 
-Unsupported, by name: Cascade R-CNN and HTC (MMDetection's cascade has one mask head per stage whose
-probabilities are averaged, and averages the stages' class logits: the project's cascade is
-detectron2's), SOLO/SOLOv2, Mask2Former/MaskFormer, PointRend, Mask Scoring R-CNN, other detectors;
+Cascade Mask R-CNN (``CascadeRCNN`` / ``CascadeRoIHead``) becomes ``mmdet_cascade_mask_rcnn_{body}_FPN``
+(:mod:`.mmdet_cascade`: a mask head per stage, stage logits averaged, as MMDetection; the stage heads are
+read by :mod:`.mmdet_cascade_config`).
+
+Unsupported, by name: HTC and SCNet (semantic / context branches, interleaved mask heads), SOLO/SOLOv2, Mask2Former/MaskFormer, PointRend, Mask Scoring R-CNN, other detectors;
 ResNeXt widths the project has no body for (32x4d, 64x4d), GN heads, C4 (``shared_head``). Deformable
 bottlenecks (``dcn=dict(type='DCN' | 'DCNv2')``, ``stage_with_dcn``) become the project's deformable stages.
 """
@@ -50,6 +52,7 @@ from .mmdet_options import (
     _test_scale,
     _unsupported,
 )
+from .mmdet_cascade_config import cascade_box_mask, cascade_roi_head, cascade_warnings
 from .mmdet_pyconfig import load_config_file
 from .mmdet_zoo import bundled_lookup
 
@@ -65,9 +68,6 @@ __all__ = [
 
 #: Detector types refused by name, with the reason.
 RefusedModel = {
-    "CascadeRCNN": "Cascade (Mask) R-CNN: MMDetection's cascade has a mask head per stage whose "
-    "probabilities are averaged and averages the stages' class logits; the project's cascade is detectron2's "
-    "(one mask head, averaged probabilities), so the weights would not give MMDetection's results",
     "HybridTaskCascade": "HTC (semantic segmentation branch and interleaved per-stage mask heads)",
     "SCNet": "SCNet (semantic and glbctx branches, interleaved mask heads)",
     "SOLO": "SOLO (anchor-free, grid-cell masks, no boxes)",
@@ -87,7 +87,6 @@ RefusedModel = {
 }
 
 _ROI_HEADS_REFUSED = {
-    "CascadeRoIHead": RefusedModel["CascadeRCNN"],
     "HybridTaskCascadeRoIHead": RefusedModel["HybridTaskCascade"],
     "PointRendRoIHead": RefusedModel["PointRend"],
     "MaskScoringRoIHead": RefusedModel["MaskScoringRCNN"],
@@ -95,6 +94,9 @@ _ROI_HEADS_REFUSED = {
     "DynamicRoIHead": "Dynamic R-CNN heads",
     "SCNetRoIHead": RefusedModel["SCNet"],
 }
+
+#: The RoI head each supported detector type needs.
+_ROI_HEAD_OF = {"MaskRCNN": "StandardRoIHead", "CascadeRCNN": "CascadeRoIHead"}
 
 
 def load_mmdet_config(path: str | Path | None = None, *, text: str | None = None, source: str = "checkpoint meta") -> dict:
@@ -150,20 +152,21 @@ def _model(cfg: Mapping) -> dict:
 def mmdet_architecture(cfg: Mapping) -> str:
     """Which project architecture an MMDetection config describes, or :class:`UnsupportedMMDetConfigError`.
 
-    Returns ``"mask_rcnn_R_50_FPN"``, ``"mask_rcnn_R_101_FPN"`` or ``"mask_rcnn_X_101_32x8d_FPN"``.
+    Returns ``"mask_rcnn_R_50_FPN"``, ``"mask_rcnn_R_101_FPN"`` or ``"mask_rcnn_X_101_32x8d_FPN"``
+    (``MaskRCNN``), or the same bodies as ``"mmdet_cascade_mask_rcnn_{body}_FPN"`` (``CascadeRCNN``).
     """
     model = _model(cfg)
     kind = model.get("type")
     if kind in RefusedModel:
         raise UnsupportedMMDetConfigError(f"MMDetection model type {kind!r} is not supported: {RefusedModel[kind]}")
-    if kind != "MaskRCNN":
-        raise _unsupported("model.type", kind, "'MaskRCNN'")
+    if kind not in _ROI_HEAD_OF:
+        raise _unsupported("model.type", kind, "'MaskRCNN' or 'CascadeRCNN'")
     roi = _opt(model, "roi_head", {})
     roi_type = _opt(roi, "type")
     if roi_type in _ROI_HEADS_REFUSED:
         raise UnsupportedMMDetConfigError(f"MMDetection roi_head type {roi_type!r} is not supported: {_ROI_HEADS_REFUSED[roi_type]}")
-    if roi_type != "StandardRoIHead":
-        raise _unsupported("model.roi_head.type", roi_type, "'StandardRoIHead'")
+    if roi_type != _ROI_HEAD_OF[kind]:
+        raise _unsupported("model.roi_head.type", roi_type, f"'{_ROI_HEAD_OF[kind]}' for a {kind}")
     if _opt(roi, "shared_head") is not None:
         raise _unsupported("model.roi_head.shared_head", _opt(roi["shared_head"], "type"), "None (C4 models with a shared res5 head are not imported)")
     bb = _opt(model, "backbone", {})
@@ -186,7 +189,25 @@ def mmdet_architecture(cfg: Mapping) -> str:
     neck = _opt(model, "neck", {})
     if _opt(neck, "type") != "FPN":
         raise _unsupported("model.neck.type", _opt(neck, "type"), "'FPN'")
-    return f"mask_rcnn_{body}_FPN"
+    return f"mmdet_cascade_mask_rcnn_{body}_FPN" if kind == "CascadeRCNN" else f"mask_rcnn_{body}_FPN"
+
+
+def _standard_roi_head(roi: Mapping) -> tuple[bool, int, dict, dict]:
+    """``(aligned, sampling_ratio, box head facts, mask head facts)`` of a ``StandardRoIHead``."""
+    aligned, ratio = _roi_layer(_opt(roi, "bbox_roi_extractor", {}), "model.roi_head.bbox_roi_extractor", 7)
+    if _opt(roi, "mask_roi_extractor") is None:
+        raise _unsupported("model.roi_head.mask_roi_extractor", None, "a SingleRoIExtractor (share_roi_extractor is not imported)")
+    m_aligned, m_ratio = _roi_layer(roi["mask_roi_extractor"], "model.roi_head.mask_roi_extractor", 14)
+    if (m_aligned, m_ratio) != (aligned, ratio):
+        raise _unsupported("model.roi_head.mask_roi_extractor.roi_layer", {"aligned": m_aligned, "sampling_ratio": m_ratio}, f"the box extractor's aligned={aligned}, sampling_ratio={ratio}")
+    box = _bbox_head(_opt(roi, "bbox_head", {}))
+    if _opt(roi, "mask_head") is None:
+        raise _unsupported("model.roi_head.mask_head", None, "an FCNMaskHead (a box-only model has no masks)")
+    mask = _mask_head(roi["mask_head"])
+    k = box["num_classes"]
+    if mask["num_classes"] != k:
+        raise UnsupportedMMDetConfigError(f"bbox_head.num_classes = {k} but mask_head.num_classes = {mask['num_classes']}; the config is inconsistent")
+    return aligned, ratio, box, mask
 
 
 def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenance: Mapping | None = None):
@@ -200,8 +221,9 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
 
     Returns:
         ``(config, facts)``: the ``ModelConfig`` and the conversion facts :mod:`.mmdet_import` needs
-        (``rpn_means``/``rpn_stds``/``bbox_means`` to fold into the layers, ``scale_major`` anchors
-        with several scales and ratios, class-agnostic flags) plus ``warnings``.
+        (``rpn_means``/``rpn_stds``/``bbox_means`` to fold into the layers, per cascade stage
+        ``stage_bbox_means``/``stage_bbox_stds``, ``scale_major`` anchors with several scales and
+        ratios, class-agnostic flags) plus ``warnings``.
 
     Raises:
         UnsupportedMMDetConfigError: a model or option the project cannot rebuild (named).
@@ -226,19 +248,14 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
     anchors = _anchors(rpn)
     rpn_means, rpn_stds = _coder(rpn, "model.rpn_head")
     roi = model["roi_head"]
-    aligned, ratio = _roi_layer(_opt(roi, "bbox_roi_extractor", {}), "model.roi_head.bbox_roi_extractor", 7)
-    if _opt(roi, "mask_roi_extractor") is None:
-        raise _unsupported("model.roi_head.mask_roi_extractor", None, "a SingleRoIExtractor (share_roi_extractor is not imported)")
-    m_aligned, m_ratio = _roi_layer(roi["mask_roi_extractor"], "model.roi_head.mask_roi_extractor", 14)
-    if (m_aligned, m_ratio) != (aligned, ratio):
-        raise _unsupported("model.roi_head.mask_roi_extractor.roi_layer", {"aligned": m_aligned, "sampling_ratio": m_ratio}, f"the box extractor's aligned={aligned}, sampling_ratio={ratio}")
-    box = _bbox_head(_opt(roi, "bbox_head", {}))
-    if _opt(roi, "mask_head") is None:
-        raise _unsupported("model.roi_head.mask_head", None, "an FCNMaskHead (a box-only model has no masks)")
-    mask = _mask_head(roi["mask_head"])
+    train = _opt(model, "train_cfg") or (cfg.get("train_cfg") if isinstance(cfg.get("train_cfg"), Mapping) and "rcnn" in cfg["train_cfg"] else {})
+    if arch.startswith("mmdet_cascade_"):
+        casc = cascade_roi_head(roi, train)
+        aligned, ratio, box, mask = casc["aligned"], casc["sampling_ratio"], *cascade_box_mask(casc)
+    else:
+        casc = None
+        aligned, ratio, box, mask = _standard_roi_head(roi)
     k = box["num_classes"]
-    if mask["num_classes"] != k:
-        raise UnsupportedMMDetConfigError(f"bbox_head.num_classes = {k} but mask_head.num_classes = {mask['num_classes']}; the config is inconsistent")
     class_names = tuple(str(c) for c in class_names)
     if len(class_names) != k:
         raise ValueError(
@@ -259,11 +276,13 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
         )
     min_size, max_size = _test_scale(cfg, warnings)
     fmt, mean, std = _normalisation(cfg, model, version)
-    train = _opt(model, "train_cfg") or (cfg.get("train_cfg") if isinstance(cfg.get("train_cfg"), Mapping) and "rcnn" in cfg["train_cfg"] else {})
     rpn_assign = _opt(_opt(train, "rpn", {}), "assigner", {})
     rpn_sample = _opt(_opt(train, "rpn", {}), "sampler", {})
-    rcnn_assign = _opt(_opt(train, "rcnn", {}), "assigner", {})
-    rcnn_sample = _opt(_opt(train, "rcnn", {}), "sampler", {})
+    rcnn_train = _opt(train, "rcnn", {})
+    if isinstance(rcnn_train, (list, tuple)):  # a cascade: stage 0's sampling
+        rcnn_train = rcnn_train[0] if rcnn_train else {}
+    rcnn_assign = _opt(rcnn_train, "assigner", {})
+    rcnn_sample = _opt(rcnn_train, "sampler", {})
     proposal = _opt(train, "rpn_proposal", {})
     prov = {
         "source": "mmdetection",
@@ -273,6 +292,10 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
         "mmdet_mask_class_agnostic": mask["class_agnostic_mask"],
         "mmdet_mask_thr_binary": mask_thr,
     }
+    if casc is not None:
+        prov["mmdet_num_stages"] = casc["num_stages"]
+        prov["mmdet_stage_loss_weights"] = casc["stage_loss_weights"]
+        warnings += cascade_warnings(casc)
     prov.update(dict(provenance or {}))
     kwargs = dict(
         arch=arch,
@@ -319,6 +342,9 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
         "rpn_post_nms_top_n_train": _opt(proposal, "max_per_img", _opt(proposal, "max_num")),
     }
     kwargs.update({key: v for key, v in optional.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if casc is not None:
+        kwargs["cascade_iou_thresholds"] = casc["iou_thresholds"]
+        kwargs["cascade_bbox_reg_weights"] = tuple(tuple(1.0 / s for s in stds) for stds in casc["bbox_stds"])
     try:
         config = ModelConfig(**kwargs)
     except ValueError as exc:
@@ -335,4 +361,6 @@ def mmdet_to_model_config(cfg: Mapping, class_names: Sequence[str], *, provenanc
         "class_agnostic_mask": mask["class_agnostic_mask"],
         "warnings": warnings,
     }
+    if casc is not None:  # per stage, for folding each stage's target_means into its fc_reg
+        facts["stage_bbox_means"], facts["stage_bbox_stds"] = casc["bbox_means"], casc["bbox_stds"]
     return config, facts

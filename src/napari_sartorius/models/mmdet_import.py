@@ -1,4 +1,4 @@
-"""Import MMDetection (2.x / 3.x) Mask R-CNN checkpoints without MMDetection.
+"""Import MMDetection (2.x / 3.x) Mask R-CNN and Cascade Mask R-CNN checkpoints without MMDetection.
 
 Reading never runs code from the file: the checkpoint goes through ``torch.load(weights_only=True)``.
 mmengine's training checkpoints also pickle its log buffers (``message_hub``: ``HistoryBuffer`` objects
@@ -16,14 +16,20 @@ Name mapping onto the project model (:mod:`.architectures`): ``backbone.*`` -> `
 ``rpn.head.conv.0.0/cls_logits/bbox_pred``, ``roi_head.bbox_head.shared_fcs.0/1`` -> ``box_head.fc6/fc7``,
 ``fc_cls``/``fc_reg`` -> ``box_predictor.cls_score``/``bbox_pred``, ``roi_head.mask_head.convs.i.conv`` ->
 ``mask_head.i.0``, ``upsample`` -> ``mask_predictor.conv5_mask``, ``conv_logits`` -> ``mask_fcn_logits``.
+Cascade Mask R-CNN (:mod:`.mmdet_cascade`): the same per stage s, ``roi_head.bbox_head.{s}.*`` ->
+``roi_heads.box_head.{s}.*`` / ``roi_heads.box_predictor.{s}.*``, ``roi_head.mask_head.{s}.*`` ->
+``roi_heads.mask_head.{s}.*`` / ``roi_heads.mask_predictor.{s}.*`` (2.x and 3.x use the same names).
 
-Tensor conversions (each tested in ``tests/models/test_mmdet_import.py``):
+Tensor conversions (each tested in ``tests/models/test_mmdet_import.py``, per cascade stage in
+``test_mmdet_cascade_import.py``):
 
 * classifier rows: MMDetection puts background **last** (``fc_cls`` ``(K + 1, D)``), the project first;
-* ``fc_reg`` ``(4 K, D)`` -> a zero background block first; class-agnostic ``(4, D)`` -> repeated per class;
+* ``fc_reg`` ``(4 K, D)`` -> a zero background block first; class-agnostic ``(4, D)`` -> repeated per class
+  (a cascade stage's class-agnostic ``(4, D)`` is kept: the project's stages are class-agnostic too);
   ``conv_logits`` ``(K, ...)`` -> a zero background channel first; class-agnostic ``(1, ...)`` -> repeated;
 * box-coder ``target_means`` are folded into the regression biases (``b + mean / std`` for the R-CNN
-  head, whose ``target_stds`` become ``bbox_reg_weights = 1 / std``); the RPN's ``target_stds`` and
+  head, whose ``target_stds`` become ``bbox_reg_weights = 1 / std``; each cascade stage with its own
+  means and stds, which become that stage's ``cascade_bbox_reg_weights``); the RPN's ``target_stds`` and
   ``target_means`` are folded into ``rpn_reg`` (rows scaled by std, bias ``b * std + mean``), since the
   project's RPN decodes with unit weights;
 * anchors: with several ``scales`` and ``ratios`` per level and ``scale_major=True`` (MMDetection's
@@ -42,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..cell_types import DEFAULT_CLASSES
-from .detectron2_import import ImportReport, _is_torch_file, _numpy_safe_globals
+from .detectron2_import import ImportReport, _is_torch_file, _numpy_safe_globals, raise_for_unplaced
 
 __all__ = [
     "MMDetImportError",
@@ -196,7 +202,16 @@ _RULES = [
     (re.compile(r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.(weight|bias)$"), r"roi_heads.mask_head.\1.0.\2"),
     (re.compile(r"^roi_head\.mask_head\.upsample\.(weight|bias)$"), r"roi_heads.mask_predictor.conv5_mask.\1"),
     (re.compile(r"^roi_head\.mask_head\.conv_logits\.(weight|bias)$"), r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
+    # Cascade Mask R-CNN: the same heads once per stage s (2.x and 3.x names)
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.(weight|bias)$"), r"roi_heads.box_head.\1.fc6.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.1\.(weight|bias)$"), r"roi_heads.box_head.\1.fc7.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_cls\.(weight|bias)$"), r"roi_heads.box_predictor.\1.cls_score.\2"),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_reg\.(weight|bias)$"), r"roi_heads.box_predictor.\1.bbox_pred.\2"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\.(weight|bias)$"), r"roi_heads.mask_head.\1.\2.0.\3"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.upsample\.(weight|bias)$"), r"roi_heads.mask_predictor.\1.conv5_mask.\2"),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.conv_logits\.(weight|bias)$"), r"roi_heads.mask_predictor.\1.mask_fcn_logits.\2"),
 ]
+_STAGE_REG_BIAS = re.compile(r"^roi_heads\.box_predictor\.(\d+)\.bbox_pred\.bias$")
 _IGNORABLE = [
     (re.compile(r"(^|\.)num_batches_tracked$"), "BatchNorm step counter (unused at inference)"),
     (re.compile(r"^ema_"), "exponential-moving-average copy kept by MMDetection's EMA hook"),
@@ -237,9 +252,12 @@ def _convert_rpn(new: str, value: torch.Tensor, facts: Mapping) -> torch.Tensor:
     return value
 
 
-def _fold_box_means(value: torch.Tensor, facts: Mapping) -> torch.Tensor:
-    """``fc_reg`` bias + mean / std for each of its 4-row blocks (weights unchanged)."""
-    offset = torch.tensor([m / s for m, s in zip(facts["bbox_means"], facts["bbox_stds"])], dtype=value.dtype)
+def _fold_box_means(value: torch.Tensor, facts: Mapping, stage: int | None = None) -> torch.Tensor:
+    """``fc_reg`` bias + mean / std for each of its 4-row blocks (weights unchanged); ``stage``: the
+    cascade stage whose coder applies."""
+    means = facts["bbox_means"] if stage is None else facts["stage_bbox_means"][stage]
+    stds = facts["bbox_stds"] if stage is None else facts["stage_bbox_stds"][stage]
+    offset = torch.tensor([m / s for m, s in zip(means, stds)], dtype=value.dtype)
     if value.shape[0] % 4:
         return value
     return value + offset.repeat(value.shape[0] // 4)
@@ -260,6 +278,8 @@ def _class_rows(new: str, value: torch.Tensor, want: torch.Size, k: int, source:
             raise fail(f"{k + 1} (K + 1, background last)")
         return torch.cat([value[k:], value[:k]])
     if ".bbox_pred." in new:
+        if rows == 4 and want[0] == 4:  # a cascade stage: class-agnostic on both sides
+            return value
         if rows == 4:
             return value.repeat((k + 1,) + (1,) * (value.dim() - 1))
         if rows != 4 * k:
@@ -318,24 +338,17 @@ def convert_mmdet_state(
             value = _convert_rpn(new, value, facts)
         if new == "roi_heads.box_predictor.bbox_pred.bias":
             value = _fold_box_means(value, facts)
-        if new.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")):
+        stage = _STAGE_REG_BIAS.match(new)
+        if stage is not None:  # a cascade stage's fc_reg: that stage's coder
+            value = _fold_box_means(value, facts, int(stage.group(1)))
+        if new.startswith("roi_heads.box_predictor.") or ".mask_fcn_logits." in new:
             value = _class_rows(new, value, want.shape, num_classes, source)
         if tuple(value.shape) != tuple(want.shape):
             bad_shapes.append(f"{name} {tuple(value.shape)} -> {new} {tuple(want.shape)}")
             continue
         out[new] = value.to(dtype=want.dtype)
         report.mapped[new] = name
-    if unmapped:
-        shown = ", ".join(sorted(unmapped)[:8])
-        raise MMDetImportError(
-            f"{source}: {len(unmapped)} MMDetection tensor(s) have no place in the project model "
-            f"(e.g. {shown}); the checkpoint does not match its config's architecture"
-        )
-    if bad_shapes:
-        raise MMDetImportError(
-            f"{source}: {len(bad_shapes)} tensor(s) have the wrong shape for the config's architecture: "
-            + "; ".join(bad_shapes[:5])
-        )
+    raise_for_unplaced(MMDetImportError, source, "MMDetection", unmapped, bad_shapes, config="its config's")
     missing = [k for k in target_state if k not in out]
     if missing:
         raise MMDetImportError(

@@ -155,8 +155,7 @@ def _roi_layer(ext: Mapping, where: str, size: int) -> tuple[bool, int]:
     return aligned, ratio
 
 
-def _bbox_head(head: Mapping) -> dict:
-    w = "model.roi_head.bbox_head"
+def _bbox_head(head: Mapping, w: str = "model.roi_head.bbox_head") -> dict:
     if isinstance(head, (list, tuple)):
         raise _unsupported(w, f"a list of {len(head)} heads", "one head (a list is a cascade)")
     t = _opt(head, "type")
@@ -183,8 +182,7 @@ def _bbox_head(head: Mapping) -> dict:
     }
 
 
-def _mask_head(head: Mapping) -> dict:
-    w = "model.roi_head.mask_head"
+def _mask_head(head: Mapping, w: str = "model.roi_head.mask_head") -> dict:
     if _opt(head, "type") != "FCNMaskHead":
         raise _unsupported(f"{w}.type", _opt(head, "type"), "'FCNMaskHead'")
     _expect(head, "in_channels", w, [256], 256)

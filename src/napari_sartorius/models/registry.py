@@ -29,7 +29,8 @@ class ArchInfo:
         body: the backbone body: ``"R_50"``, ``"R_101"``, ``"X_101_32x8d"``, ``"X_152_32x8d"``,
             ``"ResNeSt_50"``, ``"ResNeSt_101"`` or ``"ResNeSt_200"``.
         kind: ``"C4"`` (RPN and RoIAlign on res4, res5 as RoI head), ``"FPN"`` (Mask R-CNN with FPN) or
-            ``"cascade"`` (3-stage Cascade Mask R-CNN with FPN).
+            ``"cascade"`` (3-stage Cascade Mask R-CNN with FPN: detectron2's, or for the ``mmdet_``
+            names MMDetection's, :mod:`.mmdet_cascade`).
         builder: ``"module:function"`` inside ``napari_sartorius.models`` taking a ``ModelConfig``.
         description: one line for listings.
         parameters: number of parameters with three classes (FrozenBN / BN statistics excluded).
@@ -59,6 +60,7 @@ class ArchInfo:
 
 
 _A = "napari_sartorius.models.architectures:"
+_M = "napari_sartorius.models.mmdet_cascade:"
 
 _ENTRIES = (
     ArchInfo("mask_rcnn_R_50_C4", "R_50", "C4", _A + "build_c4_model",
@@ -78,6 +80,13 @@ _ENTRIES = (
     ArchInfo("cascade_mask_rcnn_ResNeSt_200_FPN", "ResNeSt_200", "cascade", _A + "build_cascade_model",
              "ResNeSt-200 + FPN, modulated deformable res3-res5, 3-stage cascade, BN heads, RPN on "
              "p2,p2,p3-p6 (LIVECell anchor-based)", 126_087_199, "BN"),
+    # MMDetection's Cascade Mask R-CNN (a mask head per stage, stage logits averaged): imported models
+    ArchInfo("mmdet_cascade_mask_rcnn_R_50_FPN", "R_50", "cascade", _M + "build_mmdet_cascade_model",
+             "ResNet-50 + FPN, 3-stage cascade with a mask head per stage (MMDetection)", 76_978_685),
+    ArchInfo("mmdet_cascade_mask_rcnn_R_101_FPN", "R_101", "cascade", _M + "build_mmdet_cascade_model",
+             "ResNet-101 + FPN, 3-stage cascade with a mask head per stage (MMDetection)", 95_918_589),
+    ArchInfo("mmdet_cascade_mask_rcnn_X_101_32x8d_FPN", "X_101_32x8d", "cascade", _M + "build_mmdet_cascade_model",
+             "ResNeXt-101 32x8d + FPN, 3-stage cascade with a mask head per stage (MMDetection)", 140_063_229),
 )  # fmt: skip
 
 #: name -> :class:`ArchInfo`, in listing order.
