@@ -189,6 +189,22 @@ class CascadeRoIHeads(RoIHeads):
         loss_box = F.smooth_l1_loss(deltas[pos], targets_t[pos], beta=1 / 9, reduction="sum") / max(1, labels_t.numel())
         return loss_cls, loss_box
 
+    def _detections(self, final: list[Tensor], probs: Tensor) -> list[dict[str, Tensor]]:
+        """Per image: class-agnostic ``final`` boxes (N_i, 4) scored by ``probs`` (sum N_i, classes + 1,
+        background first), thresholded, NMS'ed per class and capped: ``{"boxes", "labels", "scores"}``."""
+        result = []
+        for b, p in zip(final, probs.split([len(b) for b in final])):
+            num_fg = p.shape[1] - 1
+            bx, sc, lab = select_detections(
+                b[:, None, :].expand(-1, num_fg, 4),
+                p[:, 1:],
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                detections_per_img=self.detections_per_img,
+            )
+            result.append({"boxes": bx, "labels": lab, "scores": sc})
+        return result
+
     # -- forward --------------------------------------------------------------------------------
     def forward(
         self,
@@ -233,18 +249,7 @@ class CascadeRoIHeads(RoIHeads):
             return [], losses
 
         final = self._regress(self.num_stages - 1, deltas, boxes, image_shapes)
-        mean_probs = (sum(probs) / len(probs)).split([len(b) for b in final])
-        result = []
-        for b, p in zip(final, mean_probs):
-            num_fg = p.shape[1] - 1
-            bx, sc, lab = select_detections(
-                b[:, None, :].expand(-1, num_fg, 4),
-                p[:, 1:],
-                score_thresh=self.score_thresh,
-                nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img,
-            )
-            result.append({"boxes": bx, "labels": lab, "scores": sc})
+        result = self._detections(final, sum(probs) / len(probs))
         probs = chunked_mask_probabilities(
             self.mask_roi_pool, self.mask_head, self.mask_predictor, features,
             [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,

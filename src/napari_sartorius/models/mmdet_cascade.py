@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cascade import CascadeBoxPredictor, CascadeRoIHeads, select_detections
+from .cascade import CascadeBoxPredictor, CascadeRoIHeads
 from .mask_branch import DEFAULT_CHUNK
 from .mask_loss import mask_rcnn_loss
 from .mmdet_cascade_config import stage_loss_weights
@@ -158,18 +158,7 @@ class MMDetCascadeRoIHeads(CascadeRoIHeads):
             class_logits, deltas = self._run_stage(k, features, boxes, image_shapes)
             logit_sum = class_logits if logit_sum is None else logit_sum + class_logits
         final = self._regress(self.num_stages - 1, deltas, boxes, image_shapes)
-        probs = F.softmax(logit_sum / self.num_stages, dim=-1).split([len(b) for b in final])
-        result = []
-        for b, p in zip(final, probs):
-            num_fg = p.shape[1] - 1
-            bx, sc, lab = select_detections(
-                b[:, None, :].expand(-1, num_fg, 4),
-                p[:, 1:],
-                score_thresh=self.score_thresh,
-                nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img,
-            )
-            result.append({"boxes": bx, "labels": lab, "scores": sc})
+        result = self._detections(final, F.softmax(logit_sum / self.num_stages, dim=-1))
         masks = self.mask_probabilities(features, [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes)
         for r, m in zip(result, masks):
             r["masks"] = m
