@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["clean_crops"]
+__all__ = ["clean_crops", "largest_pieces"]
 
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = ndimage.generate_binary_structure(2, 1)
@@ -66,7 +66,17 @@ def clean_crops(
     return out
 
 
-def _clean_strip(probs, width: int, mask_threshold: float, fill_holes: bool, keep_largest: bool) -> list:
+def largest_pieces(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The largest 8-connected component of each bool ``(h_i, w_i)`` mask (ties: the first in raster
+    order; all False stays all False), as ``postprocess._largest_component`` gives crop by crop; views
+    into one shared strip (read-only; meant for a few masks at a time: one strip as wide as the widest)."""
+    if not masks:
+        return []
+    width = max(m.shape[1] for m in masks)
+    return _clean_strip(masks, width, None, False, True)
+
+
+def _clean_strip(probs, width: int, mask_threshold: float | None, fill_holes: bool, keep_largest: bool) -> list:
     """:func:`clean_crops` of crops at most ``width`` px wide, stacked in one strip ``width + 2`` px wide:
     crop ``k`` owns rows ``y_k .. y_k + h_k - 1`` alone, left-aligned at column 1, with a background row
     between crops and a background frame around the strip. Crops own whole rows, so the components of
@@ -77,7 +87,10 @@ def _clean_strip(probs, width: int, mask_threshold: float, fill_holes: bool, kee
     views = []
     for p, y, h in zip(probs, ys.tolist(), hs.tolist()):
         v = fg[y : y + h, 1 : 1 + p.shape[1]]
-        np.greater_equal(p, mask_threshold, out=v)
+        if mask_threshold is None:  # bool masks
+            v[...] = p
+        else:
+            np.greater_equal(p, mask_threshold, out=v)
         views.append(v)
     if fill_holes:
         bg, _ = ndimage.label(~fg, structure=_FOUR)
