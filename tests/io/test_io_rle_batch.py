@@ -114,3 +114,19 @@ def test_coco_records_match_the_per_instance_records(real_data):
             for g, w in zip(got, want):
                 assert g.pop("image_id") == 7 and g.pop("file_name") == "a.png"
                 assert json.dumps(g) == json.dumps(w)
+
+
+def test_compressed_strings_match_pycocotools_for_large_and_negative_deltas():
+    from napari_sartorius.io.rle_batch import _coco_strings
+
+    rng = np.random.default_rng(0)
+    # (sums below 2**31: pycocotools keeps the size in 32 bits)
+    lists = [[int(v) for v in rng.integers(0, 10 ** int(rng.integers(1, 8)), size=int(rng.integers(1, 30)))]
+             for _ in range(200)]
+    lists += [[5], [0, 3], [0, 1, 2], [2 ** 28, 1, 7, 2 ** 27]]
+    flat = np.array([v for c in lists for v in c], np.int64)
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in lists])])
+    got = _coco_strings(flat, bounds)
+    for c, g in zip(lists, got):
+        n = sum(c)
+        assert {"size": [1, n], "counts": g} == rle._compress(c, 1, n)
