@@ -76,6 +76,12 @@ def largest_pieces(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
     return _clean_strip(masks, width, None, False, True)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, vectorised (int64)."""
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + shift
+
+
 def _clean_strip(probs, width: int, mask_threshold: float | None, fill_holes: bool, keep_largest: bool) -> list:
     """:func:`clean_crops` of crops at most ``width`` px wide, stacked in one strip ``width + 2`` px wide:
     crop ``k`` owns rows ``y_k .. y_k + h_k - 1`` alone, left-aligned at column 1, with a background row
@@ -102,15 +108,20 @@ def _clean_strip(probs, width: int, mask_threshold: float | None, fill_holes: bo
         # last label of each crop: the running maximum of the labels down to its last row
         ends = np.maximum.accumulate(lab.max(axis=1))[ys + hs - 1]
         counts = np.diff(ends, prepend=0)
-        if (counts > 1).any():
-            sizes = np.bincount(lab.ravel(), minlength=n_comp + 1)
-            owner = np.repeat(np.arange(len(probs)), counts)
-            comp = np.arange(1, n_comp + 1)
+        multi = np.flatnonzero(counts > 1)
+        if multi.size:  # only the rows and labels of crops with several pieces are looked at
+            rows = _ranges(ys[multi], hs[multi])
+            sub = lab[rows]
+            sizes = np.bincount(sub.ravel(), minlength=n_comp + 1)
+            comp = _ranges(ends[multi] - counts[multi] + 1, counts[multi])
+            owner = np.repeat(multi, counts[multi])
             # per crop: most pixels first, then the lowest label (the first in raster order)
-            order = np.lexsort((comp, -sizes[1:], owner))
-            first = np.ones(n_comp, bool)
+            order = np.lexsort((comp, -sizes[comp], owner))
+            first = np.ones(comp.size, bool)
             first[1:] = owner[order][1:] != owner[order][:-1]
-            keep = np.zeros(n_comp + 1, bool)
+            keep = np.ones(n_comp + 1, bool)
+            keep[0] = False
+            keep[comp] = False
             keep[comp[order[first]]] = True
-            np.take(keep, lab, out=fg)
+            fg[rows] = keep[sub]
     return views
