@@ -56,6 +56,8 @@ def clean_crops(
         same values as thresholding, ``postprocess._fill_holes`` and ``postprocess._largest_component``
         applied crop by crop.
     """
+    if not (fill_holes or keep_largest):  # nothing to label: plain thresholds (own arrays)
+        return [p >= mask_threshold for p in probs]
     out: list = [None] * len(probs)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(probs):
