@@ -130,3 +130,17 @@ def test_real_images_predictions_match_the_reference(real_data):
                   PostprocessSettings(fill_holes=False, mask_threshold=0.3)):
             res = assert_matches_reference(x, s)
             assert len(res) > 10
+
+
+def test_cleaned_crops_one_at_a_time_match_the_reference():
+    from postprocess_reference import clean_crop
+    from test_postprocess import _bench_module
+
+    x = _bench_module().make_instances(40, seed=6)
+    cache = CleanedCrops(x)
+    for s in (PostprocessSettings(), PostprocessSettings(fill_holes=False, mask_threshold=0.3)):
+        for i in (3, 0, 3, 39):
+            np.testing.assert_array_equal(cache.get(i, s), clean_crop(x.masks[i], s))
+        got = cache.get_many(np.arange(40), s)
+        for i in range(40):
+            np.testing.assert_array_equal(got[i], clean_crop(x.masks[i], s))

@@ -19,7 +19,7 @@ Everything works on the per-instance crops against the one label image being bui
 per-crop steps of 3. (threshold, holes, largest piece) run for all candidates at once in
 :func:`~napari_sartorius.mask_strips.clean_crops` (a few ``scipy.ndimage.label`` calls in all instead of two
 per crop, bit-identical); only the overlap pass, which depends on the instances kept before, goes one
-instance at a time. 1000 candidates on a 520 x 704 image take ~30 ms of one core
+instance at a time. 1000 candidates on a 520 x 704 image take ~25 ms of one core
 (``benchmarks/bench_postprocess.py``).
 """
 
@@ -232,12 +232,8 @@ class CleanedCrops:
             self._key, self._crops = key, {}
 
     def get(self, i: int, s: PostprocessSettings) -> np.ndarray:
-        """The cleaned bool crop of instance ``i`` under ``s``'s mask settings."""
-        self._check_key(s)
-        m = self._crops.get(i)
-        if m is None:
-            m = self._crops[i] = _clean_crop(self.instances.masks[i], s)
-        return m
+        """The cleaned bool crop of instance ``i`` under ``s``'s mask settings (read-only)."""
+        return self.get_many([i], s)[0]
 
     def get_many(self, idx: np.ndarray, s: PostprocessSettings) -> list[np.ndarray]:
         """The cleaned bool crops of instances ``idx`` (int ``(K,)``), the missing ones cleaned in one
