@@ -24,8 +24,8 @@ def assert_matches_reference(x: Instances, s: PostprocessSettings, exclude=None,
 
 @st.composite
 def random_instances(draw):
-    h, w = draw(st.integers(8, 40)), draw(st.integers(8, 40))
-    n = draw(st.integers(0, 25))
+    h, w = draw(st.integers(8, 64)), draw(st.integers(8, 64))
+    n = draw(st.integers(0, 40))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     masks, origins = [], []
     for _ in range(n):
