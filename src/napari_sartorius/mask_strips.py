@@ -1,5 +1,5 @@
 """Clean many mask crops at once: threshold, fill holes and keep the largest piece of every crop with two
-``scipy.ndimage.label`` calls in all, instead of two per crop.
+``scipy.ndimage.label`` calls per strip of crops (a few strips in all), instead of two per crop.
 
 A ``label`` call costs ~20 us however small its input, so labelling 1000 crops of ~25 x 25 px one by one
 spent most of post-processing's time in call overhead (issue 11). Here the crops are stacked into a few
@@ -7,7 +7,7 @@ spent most of post-processing's time in call overhead (issue 11). Here the crops
 frame around), and each step runs once over each strip:
 
 * **holes**: background not 4-connected to the crop's border. Every crop's frame of background pixels
-  belongs to one 4-connected network (the gaps between shelves and crops), so a crop's holes are exactly
+  belongs to one 4-connected network (the rows between crops and the strip's frame), so a crop's holes are exactly
   its background components other than that network's;
 * **largest piece**: the 8-connected components cannot cross the one-pixel gaps, so each component
   lies in one crop; per crop the component with the most pixels stays (ties: the one whose first pixel
@@ -16,7 +16,8 @@ frame around), and each step runs once over each strip:
   crop's raster order).
 
 The result is bit-identical to the per-crop steps of :mod:`napari_sartorius.postprocess` (tests compare
-them on random crops). Memory: one bool and one int32 array of about the crops' summed area (plus under 1/8 padding).
+them on random crops). Memory per strip: one bool and one int32 array of about its crops' summed area
+(plus under 1/8 padding); the sizes of pieces are counted only over the rows of crops with several.
 """
 
 from __future__ import annotations
