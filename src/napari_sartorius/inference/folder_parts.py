@@ -222,6 +222,62 @@ def _clear_temporaries(out: Path) -> None:
 # -- merge ------------------------------------------------------------------------------------------
 
 
+class _Revalidate(Exception):
+    """The merge from lines indexed by their file name alone cannot go on as it is (a line turned out not
+    to be valid JSON of that file, or a file has no line): redo it validating every line first, so that
+    what is written or reported is exactly what the validated index gives."""
+
+
+_FILE_PREFIX = b'{"file":"'
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=...) builds one per call
+
+
+def _line_file(line: bytes) -> str | None:
+    """The ``file`` of a part line as :func:`_line` writes it (``{"file":"<name>",...``), read from the
+    line's start without decoding the rest; None when the line does not start that way."""
+    if not line.startswith(_FILE_PREFIX):
+        return None
+    end = line.find(b'",', len(_FILE_PREFIX))
+    if end < 0:
+        return None
+    try:
+        name = json.loads(line[len(_FILE_PREFIX) - 1 : end + 1])
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _index_by_name(out: Path) -> dict[str, list[tuple[Path, int, int]]]:
+    """``file -> [(part, offset, length), ...]`` of every newline-terminated line of the result parts, in
+    part and line order, each line decoded only when its name cannot be read from its start."""
+    index: dict[str, list[tuple[Path, int, int]]] = {}
+    for part in _part_files(out, "rank"):
+        offset = 0
+        with open(part, "rb") as fh:
+            for line in fh:
+                n = len(line)
+                if line.endswith(b"\n"):
+                    name = _line_file(line)
+                    if name is None:
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:
+                            rec = None
+                        if isinstance(rec, dict) and "file" in rec:
+                            name = rec["file"]
+                    if name is not None:
+                        index.setdefault(name, []).append((part, offset, n))
+                offset += n
+    return index
+
+
+def _read_line(handles: dict, where: tuple[Path, int, int]) -> bytes:
+    part, offset, n = where
+    src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
+    src.seek(offset)
+    return src.read(n)
+
+
 def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, int, int, Path]:
     """Merge ``parts/`` into ``predictions.json`` (COCO results, input order, image ids 1, 2, ... over
     planes) and ``failures.txt``; both written atomically.
@@ -233,25 +289,64 @@ def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, in
             full; ``predictions.json`` is then left as it was.
     """
     out = Path(out)
-    index: dict[str, tuple[Path, int, int]] = {}
-    for part in _part_files(out, "rank"):
-        for offset, n, rec in _complete_lines(part):
-            index.setdefault(rec["file"], (part, offset, n))  # first line wins: never one image twice
+    try:  # each line decoded once: indexed by the name at its start, decoded when written
+        return _merge(images, out, _index_by_name(out), validated=False)
+    except _Revalidate:  # a corrupt but newline-terminated line, or a file missing: validate every line first
+        index = {}
+        for part in _part_files(out, "rank"):
+            for offset, n, rec in _complete_lines(part):
+                index.setdefault(rec["file"], [(part, offset, n)])  # first line wins: never one image twice
+        return _merge(images, out, index, validated=True)
+
+
+def _merge(images: Sequence[Path], out: Path, index: dict, validated: bool) -> tuple[int, int, int, Path]:
+    """:func:`merge_parts` from ``index`` (file -> candidate lines, the first valid one wins). Unless
+    ``validated``, the candidates were not decoded yet: the first is, and :class:`_Revalidate` is raised
+    when it is not a valid line of that file or when a file is missing (nothing has been written then)."""
+    handles: dict[Path, object] = {}
+    try:
+        return _write_merged(images, out, index, validated, handles)
+    finally:
+        for h in handles.values():
+            h.close()
+
+
+def _decoded(handles: dict, index: dict, name: str, validated: bool) -> dict:
+    line = _read_line(handles, index[name][0])
+    if validated:
+        return json.loads(line)
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    if not (isinstance(rec, dict) and rec.get("file") == name):
+        raise _Revalidate(name)
+    return rec
+
+
+def _write_merged(images, out: Path, index: dict, validated: bool, handles: dict) -> tuple[int, int, int, Path]:
     failed: dict[str, str] = {}
     for part in _part_files(out, "failures.rank"):
         for _, _, rec in _complete_lines(part):
             if rec["file"] not in index:
                 failed[rec["file"]] = str(rec.get("error", ""))
     missing = [p.name for p in images if p.name not in index and p.name not in failed]
+    if missing and not validated:
+        raise _Revalidate(missing[0])  # the count in the message must be that of the validated index
     if missing:
         raise FolderRunError(
             f"{len(missing)} image(s) have no results yet (first: {missing[0]}); a rank stopped early: run the "
             "same command again with --resume"
         )
+    if not validated:  # results of files outside ``images`` are not written: check them here
+        wanted = {p.name for p in images}
+        for name in index:
+            if name not in wanted:
+                _decoded(handles, index, name, validated)
     path = out / PREDICTIONS
     n_planes = n_cells = 0
     summary = []
-    handles: dict[Path, object] = {}
+    encode = _ENCODER.encode
     try:
         with atomic_write(path, "w") as fh:
             fh.write("[")
@@ -259,16 +354,13 @@ def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, in
             for p in images:
                 if p.name not in index:
                     continue
-                part, offset, n = index[p.name]
-                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
-                src.seek(offset)
-                rec = json.loads(src.read(n))
+                rec = _decoded(handles, index, p.name, validated)
                 for plane in rec["planes"]:
                     n_planes += 1
                     unc = []
                     for r in plane["results"]:
                         r = dict(r, image_id=n_planes, file_name=plane["name"])
-                        fh.write(sep + json.dumps(r, separators=(",", ":")))
+                        fh.write(sep + encode(r))
                         sep = ",\n"
                         n_cells += 1
                         if r.get("uncertainty") is not None:
@@ -290,7 +382,4 @@ def merge_parts(images: Sequence[Path], out: str | os.PathLike) -> tuple[int, in
         if _disk_full(exc):
             raise _disk_full_error(path, exc) from None
         raise
-    finally:
-        for h in handles.values():
-            h.close()
     return n_planes, n_cells, len(failed), path

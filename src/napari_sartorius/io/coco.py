@@ -44,7 +44,8 @@ from ..annotations import AnnotationSet, ImageAnnotations
 from ..cell_types import DEFAULT_CATEGORY_IDS, DEFAULT_CLASSES
 from ._common import check_size_against_image, instances_from_crops, known_classes, majority
 from .atomic import atomic_write
-from .rle import instance_to_coco_rle, segmentation_to_crop
+from .rle import segmentation_to_crop
+from .rle_batch import coco_rles_batch
 
 __all__ = [
     "annotation_set_to_coco",
@@ -328,21 +329,22 @@ def _instance_records(
     threshold: float,
 ) -> Iterable[dict]:
     inst = im.instances
+    if len(inst) == 0:
+        return
+    # runs, areas, boxes and RLEs of all the image's crops in one pass (io.rle_batch; identical output)
+    crops = [m >= threshold for m in inst.masks]
+    rles, runs = coco_rles_batch(crops, inst.mask_origins, inst.image_size)
+    areas = runs.areas.tolist()
+    boxes = runs.boxes.tolist()
+    classes = inst.classes.tolist()
+    scores = inst.scores.tolist()
     for i in range(len(inst)):
-        crop = inst.masks[i] >= threshold
-        area = int(np.count_nonzero(crop))
+        area = areas[i]
         if area == 0:
             continue
-        rows = np.flatnonzero(crop.any(axis=1))
-        cols = np.flatnonzero(crop.any(axis=0))
-        y0, x0 = (int(v) for v in inst.mask_origins[i])
-        bbox = [
-            float(x0 + cols[0]),
-            float(y0 + rows[0]),
-            float(cols[-1] - cols[0] + 1),
-            float(rows[-1] - rows[0] + 1),
-        ]
-        k = int(inst.classes[i])
+        bx0, by0, bx1, by1 = boxes[i]
+        bbox = [float(bx0), float(by0), float(bx1 - bx0 + 1), float(by1 - by0 + 1)]
+        k = classes[i]
         if not 0 <= k < len(class_names):
             raise ValueError(
                 f"image {im.image_id!r}: instance {i} has class index {k}, but the set has "
@@ -350,10 +352,10 @@ def _instance_records(
             )
         rec = {
             "category_id": int(cat_ids[class_names[k]]),
-            "segmentation": instance_to_coco_rle(inst, i, threshold),
+            "segmentation": rles[i],
             "area": area,
             "bbox": bbox,
-            "score": float(inst.scores[i]),
+            "score": scores[i],
         }
         rec.update(_review_fields(inst, i))
         yield rec
