@@ -57,6 +57,23 @@ REAL_SHAPE = (520, 704)  # the corrected images: the competition's size
 MODEL_SAMPLING = dict(roi_batch_size_per_image=512, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000)
 #: variant -> (freeze level, RoI/proposal counts; None = the quick preset's own)
 VARIANTS = {"old": (5, MODEL_SAMPLING), "sampling": (5, {}), "fpn": (6, {}), "quick": (None, {})}
+#: positive RoIs per image of every training step (the mask head's cost grows with them: ~3 GFLOP
+#: each, forward and backward), counted by :func:`_count_positives`
+POSITIVES: list[int] = []
+
+
+def _count_positives() -> None:
+    """Count the positive RoIs each training step samples (benchmark instrumentation only)."""
+    from napari_sartorius.models.architectures import ChunkedMaskRoIHeads
+
+    original = ChunkedMaskRoIHeads.select_training_samples
+
+    def counting(self, proposals, targets):
+        out = original(self, proposals, targets)
+        POSITIVES.extend(int((lab > 0).sum()) for lab in out[2])
+        return out
+
+    ChunkedMaskRoIHeads.select_training_samples = counting
 
 
 def base_config() -> ModelConfig:
@@ -89,9 +106,11 @@ def quick_settings(variant: str, iters: int, out: Path, threads_note: str = "") 
     )
 
 
-def fine_tune(base: Path, corrected, settings: TrainSettings):
-    """Run the dock's job; return ``(outcome, wall s, s to the first iteration, [s per iteration])``."""
+def fine_tune(base: Path, corrected, settings: TrainSettings, cpu: list[float] | None = None):
+    """Run the dock's job; return ``(outcome, wall s, s to the first iteration, [s per iteration])``;
+    ``cpu`` (when given) receives the process CPU seconds of each iteration after the first."""
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     job = finetune_job(corrected, [], base, "mask_rcnn_R_50_FPN", settings, False, threading.Event(),
                        PRESETS["quick"]["crop_cells"])
     t0 = time.perf_counter()
@@ -103,8 +122,11 @@ def fine_tune(base: Path, corrected, settings: TrainSettings):
             break
         if p.losses:
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
     wall = time.perf_counter() - t0
     first = stamps[0] - t0 if stamps else float("nan")
+    if cpu is not None:
+        cpu += [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])]
     return outcome, wall, first, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -137,21 +159,27 @@ def make_base(path: Path, iters: int) -> None:
     t0 = time.perf_counter()
     res = run_training(train(base_config(), dataset_from_annotations(annots, images), TrainSettings(
         iters=iters, lr=0.01, batch_size=2, device="cpu", out=str(path), checkpoint_period=0,
-        roi_batch_size_per_image=128, rpn_post_nms_top_n_train=1000,
+        roi_batch_size_per_image=128, rpn_post_nms_top_n_train=1000, clip_grad_norm=10.0,
         augment=AugmentationSettings(crop=False, resize=False, rot90=False))))
     print(f"base model: {iters} iterations on 8 synthetic cort images in {time.perf_counter() - t0:.0f} s, "
           f"loss {res.losses[0]:.3f} -> {statistics.mean(res.losses[-10:]):.3f}", flush=True)
 
 
-def compare(base: Path, corrected, rounds: int, iters: int, tmp: Path, variants) -> None:
+def compare(base: Path, corrected, rounds: int, iters: int, tmp: Path, variants, threads: int) -> None:
     per: dict[str, list[float]] = {v: [] for v in variants}
+    pos: dict[str, list[int]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
         for v in variants:
-            outcome, wall, first, dts = fine_tune(base, corrected, quick_settings(v, iters, tmp / f"cmp_{v}.pt"))
+            POSITIVES.clear()
+            run_cpu: list[float] = []
+            outcome, wall, first, dts = fine_tune(base, corrected, quick_settings(v, iters, tmp / f"cmp_{v}.pt"), run_cpu)
+            cpu[v] += run_cpu[1:]
             if outcome.error:
                 print(f"  {v}: failed: {outcome.error}", flush=True)
                 continue
             per[v] += dts[1:]  # the first interval still warms up (allocator, caches)
+            pos[v] += POSITIVES
             print(f"  round {r + 1} {v:8s}: " + " ".join(f"{d:.1f}" for d in dts) + f" s/iteration; "
                   f"first iteration after {first:.1f} s", flush=True)
     ref = statistics.median(per["old"]) if per.get("old") else float("nan")
@@ -161,7 +189,10 @@ def compare(base: Path, corrected, rounds: int, iters: int, tmp: Path, variants)
         if per[v]:
             med = statistics.median(per[v])
             print(f"  {v:8s} {med:6.2f} s/iteration (n={len(per[v])}, min {min(per[v]):.2f}, "
-                  f"max {max(per[v]):.2f}), {ref / med:.2f}x faster than old", flush=True)
+                  f"max {max(per[v]):.2f}), {ref / med:.2f}x faster than old; positive RoIs per image "
+                  f"{statistics.mean(pos[v]):.1f} (max {max(pos[v])}); process CPU time {statistics.median(cpu[v]):.2f} "
+                  f"s/iteration (/ {threads} threads = {statistics.median(cpu[v]) / threads:.2f} s: about the wall "
+                  "time on an idle machine)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -179,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-variants", nargs="*", default=["quick"], choices=list(VARIANTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    _count_positives()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = args.base or tmp / "base.pt"
@@ -189,7 +221,7 @@ def main(argv=None) -> int:
         corrected = shifted(2, 100, args.shift_scale, REAL_SHAPE)
         held_out = shifted(args.held_out, 200, args.shift_scale)
         if args.compare:
-            compare(base, corrected, args.compare, args.compare_iters, tmp, args.compare_variants)
+            compare(base, corrected, args.compare, args.compare_iters, tmp, args.compare_variants, args.threads)
         if not args.quality_variants:
             return 0
         before = score(base, held_out, args.score_threshold)

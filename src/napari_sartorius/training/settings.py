@@ -2,7 +2,7 @@
 
 :class:`AugmentationSettings` and :class:`TrainSettings` hold every default of a run in one place;
 :class:`TrainProgress` is what :func:`~.trainer.train` yields and :class:`TrainResult` what it returns.
-:func:`lr_at` is the learning-rate schedule, :func:`quick_settings` the CPU-sized preset and
+:func:`lr_at` is the learning-rate schedule and
 :func:`multiscale_sizes` the short edges of multi-scale training (multiples of 32). Importing this
 module loads neither torch nor numpy.
 """
