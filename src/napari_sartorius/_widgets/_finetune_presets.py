@@ -32,19 +32,22 @@ WINDOW_SAMPLING: dict[str, int] = dict(roi_batch_size_per_image=64, rpn_pre_nms_
                                        rpn_post_nms_top_n_train=500)
 PRESET_CHOICES = [("Quick (CPU: RPN and heads only, crops around the cells)", "quick"), ("Full (GPU: whole model, whole images)", "full"),
                   ("Custom", "custom")]
-#: CPU cost of one R50-FPN training step on the development machine (2 shared cores, 2 threads; see
-#: README, "Measured"), per image: a part that depends on the RoIs sampled (windows: 128 RoIs and
-#: 500 proposals, :data:`WINDOW_SAMPLING`; whole images: the model's 512 and 2000) plus one per
-#: megapixel of network input that depends on what trains: "backbone" (freeze level 6: the body and
-#: the FPN only run forward), "fpn" (5: the FPN trains), "body" (< 5: part of the body trains too).
-#: Fitted to ``benchmarks/bench_finetune_loop.py --compare`` (the quick preset and its variants) and
-#: ``benchmarks/bench_training.py`` (the full preset's whole-model step).
-CPU_SECONDS_PER_IMAGE = {"windows": 1.0, "whole": 6.0}
-CPU_SECONDS_PER_MEGAPIXEL = {"backbone": 20.0, "fpn": 40.0, "body": 60.0}
-#: Before the first step: loading or building the model and cutting the windows (s), and for a fresh
-#: (randomly initialised) model the FrozenBN calibration, a forward pass of the backbone over two
-#: images at the training size (s per megapixel of each).
-CPU_STARTUP_SECONDS = 10.0
+#: CPU cost of one R50-FPN training step on the development machine (2 cores shared with other jobs,
+#: load ~5-6, 2 threads; see README, "Figures"), per image: a part that depends on the RoIs sampled
+#: (windows: 64 RoIs and 500 proposals, :data:`WINDOW_SAMPLING`; whole images: the model's 512 and
+#: 2000) plus one per megapixel of network input that depends on what trains: "backbone" (freeze
+#: level 6: the body and the FPN only run forward), "fpn" (5: the FPN trains), "body" (< 5: part of
+#: the body trains too). Fitted to ``benchmarks/bench_finetune_loop.py --compare`` (quick preset
+#: ~10 s per iteration of 2 windows at 384 x ~430 px; the old preset, body frozen and 512 RoIs, ~22 s)
+#: and ``benchmarks/bench_training.py --short-edge 832 --batch 2`` (the full preset's whole-model
+#: step, 150 s in a busier moment). An idle 2-core machine is 2-3 times faster.
+CPU_SECONDS_PER_IMAGE = {"windows": 1.5, "whole": 6.5}
+CPU_SECONDS_PER_MEGAPIXEL = {"backbone": 21.0, "fpn": 29.0, "body": 55.0}
+#: Before the first step: loading or building the model and cutting the windows (s; the quick preset's
+#: first iteration came 18-37 s after the start), and for a fresh (randomly initialised) model the
+#: FrozenBN calibration, a forward pass of the backbone over two images at the training size (s per
+#: megapixel of each).
+CPU_STARTUP_SECONDS = 12.0
 CPU_CALIBRATION_SECONDS_PER_MEGAPIXEL = 20.0
 #: The same on a CUDA GPU (order of magnitude; the first iterations then give the real figure).
 GPU_SECONDS_PER_IMAGE = {"windows": 0.02, "whole": 0.05}
