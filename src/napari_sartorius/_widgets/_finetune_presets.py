@@ -33,22 +33,23 @@ WINDOW_SAMPLING: dict[str, int] = dict(roi_batch_size_per_image=64, rpn_pre_nms_
 PRESET_CHOICES = [("Quick (CPU: RPN and heads only, crops around the cells)", "quick"), ("Full (GPU: whole model, whole images)", "full"),
                   ("Custom", "custom")]
 #: CPU cost of one R50-FPN training step on the development machine (2 cores shared with other jobs,
-#: load ~5-6, 2 threads; see README, "Figures"), per image: a part that depends on the RoIs sampled
-#: (windows: 64 RoIs and 500 proposals, :data:`WINDOW_SAMPLING`; whole images: the model's 512 and
-#: 2000) plus one per megapixel of network input that depends on what trains: "backbone" (freeze
-#: level 6: the body and the FPN only run forward), "fpn" (5: the FPN trains), "body" (< 5: part of
-#: the body trains too). Fitted to ``benchmarks/bench_finetune_loop.py --compare`` (quick preset
-#: ~10 s per iteration of 2 windows at 384 x ~430 px; the old preset, body frozen and 512 RoIs, ~22 s)
-#: and ``benchmarks/bench_training.py --short-edge 832 --batch 2`` (the full preset's whole-model
-#: step, 150 s in a busier moment). An idle 2-core machine is 2-3 times faster.
-CPU_SECONDS_PER_IMAGE = {"windows": 1.5, "whole": 6.5}
-CPU_SECONDS_PER_MEGAPIXEL = {"backbone": 21.0, "fpn": 29.0, "body": 55.0}
+#: 2 threads; see README, "Figures"), per image: a part that depends on the RoIs sampled (windows: 64
+#: RoIs and 500 proposals, :data:`WINDOW_SAMPLING`; whole images: the model's 512 and 2000) plus one
+#: per megapixel of network input that depends on what trains: "backbone" (freeze level 6: the body
+#: and the FPN only run forward), "fpn" (5: the FPN trains), "body" (< 5: part of the body trains
+#: too). Fitted between the machine's quiet and busy moments, so that both are within 2x:
+#: ``benchmarks/bench_finetune_loop.py --compare`` gave the quick preset (2 windows at 384 x ~430 px)
+#: 4.4 s per iteration at load ~3 and 7.9-11.5 s at load ~5-6 (the old preset, body frozen and 512
+#: RoIs: 13.4 and 14-23 s), ``benchmarks/bench_training.py --short-edge 832 --batch 2`` the full
+#: preset's whole-model step 150 s at load ~7, and issue 9 ~70 s at 1024 px.
+CPU_SECONDS_PER_IMAGE = {"windows": 1.0, "whole": 4.5}
+CPU_SECONDS_PER_MEGAPIXEL = {"backbone": 14.0, "fpn": 19.0, "body": 36.0}
 #: Before the first step: loading or building the model and cutting the windows (s; the quick preset's
-#: first iteration came 18-37 s after the start), and for a fresh (randomly initialised) model the
-#: FrozenBN calibration, a forward pass of the backbone over two images at the training size (s per
-#: megapixel of each).
-CPU_STARTUP_SECONDS = 12.0
-CPU_CALIBRATION_SECONDS_PER_MEGAPIXEL = 20.0
+#: first iteration came 2-37 s after the start, one iteration included), and for a fresh (randomly
+#: initialised) model the FrozenBN calibration, a forward pass of the backbone over two images at
+#: the training size (s per megapixel of each; 5.6 s for two 384-px windows at load ~4).
+CPU_STARTUP_SECONDS = 10.0
+CPU_CALIBRATION_SECONDS_PER_MEGAPIXEL = 15.0
 #: The same on a CUDA GPU (order of magnitude; the first iterations then give the real figure).
 GPU_SECONDS_PER_IMAGE = {"windows": 0.02, "whole": 0.05}
 GPU_SECONDS_PER_MEGAPIXEL = {"backbone": 0.04, "fpn": 0.08, "body": 0.2}
