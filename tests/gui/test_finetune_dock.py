@@ -125,7 +125,7 @@ def test_presets_set_the_controls_and_show_an_estimate(viewer, tmp_path):
     dock = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Fine-tune")
     assert dock.preset.value == "quick"
-    assert dock.freeze.value == 5 and dock.crop_cells.value == 256 and dock.train_size.value == 384
+    assert dock.freeze.value == 6 and dock.crop_cells.value == 256 and dock.train_size.value == 384
     quick = dock.estimated_seconds()
     assert dock.estimate.value.startswith("Estimated time: about")
     dock.apply_preset("full")

@@ -82,7 +82,7 @@ def test_segment_correct_finetune_cancel_quick_and_join_the_ensemble(qtbot, make
 
     # 6. the quick preset from the fresh checkpoint; the model joins the ensemble
     dock.apply_preset("quick")
-    assert dock.freeze.value == 5 and dock.crop_cells.value > 0
+    assert dock.freeze.value == 6 and dock.crop_cells.value > 0
     dock.iterations.value = 2
     dock.train_size.value = 128
     dock.batch_size.value = 1

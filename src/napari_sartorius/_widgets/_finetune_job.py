@@ -75,7 +75,9 @@ def finetune_job(train_pairs, val_pairs, start, arch: str, settings, clean: bool
         clean: clean the masks (fill holes, drop fragments, resolve overlaps) before training.
         stop: set by Cancel; the trainer stops between iterations and saves what it reached.
         crop_size: train on windows of this side (px) around the labelled cells instead of whole
-            images (the quick preset); None: whole images.
+            images (the quick preset), with the RoI and proposal counts of
+            :data:`~._finetune_presets.WINDOW_SAMPLING` where ``settings`` leaves them unset; None:
+            whole images.
 
     Yields :class:`~napari_sartorius.training.settings.TrainProgress`. Touches no Qt object and
     never raises (see the module's docstring).
@@ -121,6 +123,9 @@ def _run(train_pairs, val_pairs, start, arch, settings, clean, stop, crop_size):
     start = yield from fetch_start(start, stop, lambda text: TrainProgress(0, settings.iters, message=text))
     yield TrainProgress(0, settings.iters, message="preparing the training data...")
     if crop_size:
+        from ._finetune_presets import with_window_sampling
+
+        settings = with_window_sampling(settings)
         windows = []
         for name, ct, im, lab in train_pairs:
             for k, (cim, clab) in enumerate(crops_around_cells(im, lab, crop_size)):

@@ -13,10 +13,11 @@ Threading and imports:
       ``error`` set, so the dock always ends a run with a message and its buttons back.
     * The settings come from :mod:`napari_sartorius.training.settings`, which imports no torch: the
       dock builds and checks a :class:`TrainSettings` itself. torch is imported inside the worker.
-    * Presets: "Quick (CPU)" freezes the backbone body and trains the heads on windows around the
-      labelled cells at a small size, for a few dozen iterations (a CPU can run it while the user
-      waits); "Full (GPU)" trains whole images at the model's sizes. An estimate of the time is
-      shown before starting (:func:`estimate_seconds`).
+    * Presets: "Quick (CPU)" freezes the backbone (body and FPN) and trains the RPN and heads on
+      windows around the labelled cells at a small size, for a few dozen iterations (a CPU can run
+      it while the user waits); "Full (GPU)" trains whole images at the model's sizes. An estimate
+      of the time (a fresh model's calibration pass included) is shown before starting
+      (:func:`estimate_seconds`).
 
 Input checks (shapes, missing labels, no pair) run in the GUI thread before anything starts and are
 shown as notifications; nothing is started then. The pair rows and layer pickers live in
@@ -165,7 +166,7 @@ class FineTuneWidget(PairPickerMixin, Container):
         # -- optimisation ------------------------------------------------------------------
         self.preset = ComboBox(
             label="Preset", choices=PRESET_CHOICES, value="quick",
-            tooltip="Quick: a CPU run while you wait (frozen body, heads on crops around the cells, small size); "
+            tooltip="Quick: a CPU run while you wait (frozen backbone, RPN and heads on crops around the cells, small size); "
             "Full: the whole model on whole images (for a GPU); Custom: your own settings below",
         )
         self.estimate = Label(value="")
@@ -283,7 +284,7 @@ class FineTuneWidget(PairPickerMixin, Container):
         for w in (self.iterations, self.learning_rate, self.batch_size, self.train_size, self.crop_cells, self.freeze,
                   self.aug_switches["resize"]):
             w.changed.connect(self._on_setting_changed)
-        for w in (self.device, self.start_checkpoint, self.architecture):
+        for w in (self.device, self.start_checkpoint, self.architecture, self.pretrained):
             w.changed.connect(lambda *_: self._update_estimate())
 
         self.add_pair_button.changed.connect(lambda *_: self.add_pair())
@@ -344,11 +345,12 @@ class FineTuneWidget(PairPickerMixin, Container):
         long_edge = int(round(size * 704 / 520))  # the competition's aspect ratio
         if crop:  # a square window resized to the training size
             long_edge = size
-        frozen = int(self.freeze.value) == 5
         device = str(self.device.value)
         if device == "auto":
             device = "cpu"  # the estimate is for the worst case; a GPU is far faster
-        return estimate_seconds(int(self.iterations.value), int(self.batch_size.value), size, long_edge, frozen, device)
+        fresh = self._start_path() is None and not self.pretrained.value  # calibration pass first
+        return estimate_seconds(int(self.iterations.value), int(self.batch_size.value), size, long_edge,
+                                int(self.freeze.value), device, windows=bool(crop), fresh=fresh)
 
     def _update_estimate(self) -> None:
         sec = self.estimated_seconds()

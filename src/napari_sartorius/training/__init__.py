@@ -8,7 +8,7 @@ load torch; the submodules do.
   ``concat_datasets``, ``TrainingDataset``.
 - :mod:`.augment`: ``AugmentationSettings``, ``TrainTransform`` and the v2 transforms.
 - :mod:`.settings` (no torch): ``TrainSettings``, ``AugmentationSettings``, ``TrainProgress``, ``TrainResult``,
-  ``TrainingError``, ``lr_at``, ``quick_settings``, ``multiscale_sizes``.
+  ``TrainingError``, ``lr_at``, ``multiscale_sizes`` (the dock's presets: ``_widgets/_finetune_presets``).
 - :mod:`.model_surgery`: class-head adaptation, frozen stages, fresh-model calibration.
 - :mod:`.checkpointing`: checkpoint paths, resumable state, provenance.
 - :mod:`.trainer`: ``train`` (generator), ``run_training``, re-exporting the settings types,

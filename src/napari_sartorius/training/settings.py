@@ -2,7 +2,7 @@
 
 :class:`AugmentationSettings` and :class:`TrainSettings` hold every default of a run in one place;
 :class:`TrainProgress` is what :func:`~.trainer.train` yields and :class:`TrainResult` what it returns.
-:func:`lr_at` is the learning-rate schedule, :func:`quick_settings` the CPU-sized preset and
+:func:`lr_at` is the learning-rate schedule and
 :func:`multiscale_sizes` the short edges of multi-scale training (multiples of 32). Importing this
 module loads neither torch nor numpy.
 """
@@ -140,7 +140,9 @@ class TrainSettings:
         clip_type: "full_model" (the global norm of all gradients), "norm" (each parameter's gradient
             norm) or "value" (each gradient element), as detectron2's ``CLIP_GRADIENTS.CLIP_TYPE``.
         freeze_at: None keeps the model's setting; 0 trains the whole backbone, 1 freezes the stem,
-            k >= 2 the stem and res2..res``k`` (detectron2's ``FREEZE_AT``; 5 freezes the whole body).
+            k >= 2 the stem and res2..res``k`` (detectron2's ``FREEZE_AT``; 5 freezes the whole body);
+            6 freezes the body and the FPN (only the RPN and the RoI heads learn; the checkpoint's
+            config records 5).
         amp: mixed precision on CUDA (ignored on CPU).
         checkpoint_period: save a checkpoint every this many iterations (0: only at the end).
         eval_period: score the validation data every this many iterations (0: only at the end).
@@ -154,6 +156,12 @@ class TrainSettings:
         save_on_cancel: on a stop request, save the state reached (atomically) so it can be resumed.
         augment: the augmentations (their resize sizes default to the model's training sizes).
         min_size_train, max_size_train: override the model's training sizes (None: keep them).
+        roi_batch_size_per_image: RoIs sampled per image for the box and mask heads' losses (a quarter
+            of them at most positive); None keeps the model's (detectron2's 512). The mask head costs
+            ~0.9 GFLOP per positive RoI, so a window with a few cells trains as well on 128 and
+            several times faster (the quick preset). Training only: the checkpoint keeps the model's.
+        rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train: RPN proposals kept per level before NMS
+            and per image after it while training; None keeps the model's (2000 each). Training only.
     """
 
     iters: int = 2000
@@ -182,6 +190,9 @@ class TrainSettings:
     augment: AugmentationSettings = field(default_factory=AugmentationSettings)
     min_size_train: tuple[int, ...] | None = None
     max_size_train: int | None = None
+    roi_batch_size_per_image: int | None = None
+    rpn_pre_nms_top_n_train: int | None = None
+    rpn_post_nms_top_n_train: int | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str):
@@ -201,8 +212,8 @@ class TrainSettings:
             bad(f"steps must be increasing fractions of iters in (0, 1), got {self.steps}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             bad("weight_decay must be >= 0 and momentum in [0, 1)")
-        if self.freeze_at is not None and not 0 <= self.freeze_at <= 5:
-            bad(f"freeze_at must be in 0..5, got {self.freeze_at}")
+        if self.freeze_at is not None and not 0 <= self.freeze_at <= 6:
+            bad(f"freeze_at must be in 0..6, got {self.freeze_at}")
         if self.checkpoint_period < 0 or self.eval_period < 0 or self.num_workers < 0:
             bad("checkpoint_period, eval_period and num_workers must be >= 0")
         if self.clip_type not in CLIP_TYPES:
@@ -211,6 +222,10 @@ class TrainSettings:
             bad(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
         if self.min_size_train is not None and (not self.min_size_train or min(self.min_size_train) < 1):
             bad(f"min_size_train must be positive sizes, got {self.min_size_train}")
+        for name in ("roi_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+                bad(f"{name} must be a positive whole number or None, got {v!r}")
         object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
         if self.min_size_train is not None:
             object.__setattr__(self, "min_size_train", tuple(int(s) for s in self.min_size_train))

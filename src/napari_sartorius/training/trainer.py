@@ -54,6 +54,7 @@ from .checkpointing import (
 from .data import TrainingDataset, collate
 from .model_surgery import (
     _param_groups,
+    _set_sampling,
     _set_train_sizes,
     adapt_num_classes,
     calibrated_statistics,
@@ -273,8 +274,9 @@ def train(
         )
     if s.freeze_at is not None:
         set_freeze_at(model, s.freeze_at)
-        config = config.replace(freeze_at=int(s.freeze_at))
+        config = config.replace(freeze_at=min(int(s.freeze_at), 5))  # 6 (body + FPN) is a training choice
     config = _set_train_sizes(model, config, s)
+    _set_sampling(model, s)
     model.to(device)
     model.train()
 
