@@ -176,7 +176,8 @@ def compare(base: Path, corrected, rounds: int, iters: int, tmp: Path, variants,
         for v in variants:
             POSITIVES.clear()
             run_cpu: list[float] = []
-            outcome, wall, first, dts = fine_tune(base, corrected, quick_settings(v, iters, tmp / f"cmp_{v}.pt"), run_cpu)
+            settings = quick_settings(v, iters, tmp / f"cmp_{v}.pt")
+            outcome, wall, first, dts = fine_tune(base, corrected, settings, run_cpu)
             cpu[v] += run_cpu[1:]
             if outcome.error:
                 print(f"  {v}: failed: {outcome.error}", flush=True)
