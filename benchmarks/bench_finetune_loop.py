@@ -21,8 +21,11 @@ machine slows all alike); it prints each one's median seconds per iteration (the
 iterations of each run left out as warm-up) and the ratio to ``old``. Variants: ``old``, the preset as
 it was before the window sampling (body frozen, the model's 512 RoIs and 2000 proposals per image);
 ``sampling``, body frozen with the window sampling; ``fpn``, body and FPN frozen with the window
-sampling; ``quick``, the current preset. ``--quality-variants old quick`` fine-tunes and scores each
-named variant (default: ``quick`` only).
+sampling; ``quick``, the current preset. It also prints the positive RoIs sampled per image (the mask
+head's cost grows with them; a weak base model has few, a pretrained one fills every slot) and the
+process CPU time per iteration. ``--quality-variants old quick`` fine-tunes and scores each named
+variant (default: ``quick`` only; none: speed only). With 2 threads on 2 cores shared with other
+jobs the times swing 3-7x; ``--threads 1`` gives steadier figures there.
 
     python benchmarks/bench_finetune_loop.py [--threads 2] [--base-iters 60] [--iters 20]
     python benchmarks/bench_finetune_loop.py --base /tmp/base.pt --compare 2 --compare-iters 6
@@ -91,7 +94,7 @@ def shifted(n: int, seed: int, scale: float, shape=SHAPE) -> list[tuple[str, str
     return out
 
 
-def quick_settings(variant: str, iters: int, out: Path, threads_note: str = "") -> TrainSettings:
+def quick_settings(variant: str, iters: int, out: Path) -> TrainSettings:
     """What the dock's train_settings() builds for the quick preset (default augmentations, the
     preset's training size as the single short edge), for ``variant`` (see the module's docstring).
     The window sampling itself is applied by the job (fields left None)."""
@@ -173,7 +176,8 @@ def compare(base: Path, corrected, rounds: int, iters: int, tmp: Path, variants,
         for v in variants:
             POSITIVES.clear()
             run_cpu: list[float] = []
-            outcome, wall, first, dts = fine_tune(base, corrected, quick_settings(v, iters, tmp / f"cmp_{v}.pt"), run_cpu)
+            settings = quick_settings(v, iters, tmp / f"cmp_{v}.pt")
+            outcome, wall, first, dts = fine_tune(base, corrected, settings, run_cpu)
             cpu[v] += run_cpu[1:]
             if outcome.error:
                 print(f"  {v}: failed: {outcome.error}", flush=True)

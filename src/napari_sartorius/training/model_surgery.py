@@ -276,7 +276,8 @@ def _set_sampling(model: nn.Module, s: TrainSettings) -> None:
     if s.roi_batch_size_per_image is not None and sampler is not None:
         sampler.batch_size_per_image = int(s.roi_batch_size_per_image)
     rpn = getattr(model, "rpn", None)
-    for field_name, attr in (("rpn_pre_nms_top_n_train", "_pre_nms_top_n"), ("rpn_post_nms_top_n_train", "_post_nms_top_n")):
+    pairs = (("rpn_pre_nms_top_n_train", "_pre_nms_top_n"), ("rpn_post_nms_top_n_train", "_post_nms_top_n"))
+    for field_name, attr in pairs:
         value = getattr(s, field_name)
         table = getattr(rpn, attr, None)
         if value is not None and isinstance(table, dict):
