@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment images into label images and COCO results")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     s.add_argument("--out", required=True,
-                   help="output folder: <stem>_labels.tif, predictions.json and summary.csv (cells, uncertainty)")
+                   help="output folder: <stem>_labels.tif, predictions.json and summary.csv (cells, uncertainty, expected wrong cells)")
     s.add_argument("--model", action="append", metavar="CKPT",
                    help="checkpoint file, pretrained name (`pretrained list`), or 'classical' for the weight-free engine; "
                    "repeat for an ensemble "

@@ -57,7 +57,9 @@ def reference_merge(images, out):
                         unc.append(float(r["uncertainty"]))
                 defined = bool(unc) and len(unc) == len(plane["results"])
                 summary.append(image_summary(plane["name"], np.asarray(unc) if defined else None,
-                                             count=len(plane["results"])))
+                                             count=len(plane["results"]),
+                                             scores=np.array([r["score"] for r in plane["results"]]),
+                                             areas=np.array([r["area"] for r in plane["results"]])))
         fh.write("]\n")
     write_summary_csv(summary, out / fp.SUMMARY)
     fail_path = out / fp.FAILURES

@@ -125,13 +125,35 @@ def test_image_summary_and_summary_csv_round_trip(tmp_path):
     path = tmp_path / "summary.csv"
     write_summary_csv([s, undefined], path)
     text = path.read_text()
-    assert text.splitlines()[0] == "image,cells,mean_uncertainty,p90_uncertainty"
+    assert text.splitlines()[0] == "image,cells,mean_uncertainty,p90_uncertainty,expected_wrong"
     assert "nan" not in text.lower()
     back = read_summary_csv(path)
     assert back[1] == undefined and back[0].p90 == pytest.approx(0.72, abs=1e-4)
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
     with pytest.raises(ValueError, match="not a summary.csv"):
         read_summary_csv(tmp_path / "bad.csv")
+
+
+def test_expected_wrong_cells_sum_the_review_priority(tmp_path):
+    from napari_sartorius.inference.review_rank import review_priority
+
+    u, s, a = np.array([0.05, 0.4, 0.9]), np.array([0.95, 0.6, 0.3]), np.array([200.0, 180.0, 40.0])
+    row = image_summary("a.png", u, scores=s, areas=a)
+    assert row.expected_wrong == pytest.approx(review_priority(s, u, a).sum())
+    assert 0 < row.expected_wrong < 3
+    # a doubtful image expects more wrong cells than a confident one with the same count
+    calm = image_summary("calm.png", np.full(3, 0.02), scores=np.full(3, 0.97), areas=np.full(3, 200.0))
+    assert calm.expected_wrong < row.expected_wrong
+    # undefined without scores/areas, with a missing value, or without uncertainty
+    assert image_summary("b.png", u).expected_wrong is None
+    assert image_summary("b.png", u, scores=s, areas=np.array([200.0, np.nan, 40.0])).expected_wrong is None
+    assert image_summary("b.png", None, count=3, scores=s, areas=a).expected_wrong is None
+    write_summary_csv([row, calm], tmp_path / "summary.csv")
+    back = read_summary_csv(tmp_path / "summary.csv")
+    assert back[0].expected_wrong == pytest.approx(row.expected_wrong, abs=1e-4)
+    # a summary.csv of an earlier version (no expected_wrong column) still reads
+    (tmp_path / "old.csv").write_text("image,cells,mean_uncertainty,p90_uncertainty\na.png,3,0.4500,0.8000\n")
+    assert read_summary_csv(tmp_path / "old.csv") == [ImageSummary("a.png", 3, 0.45, 0.8)]
 
 
 def test_order_by_uncertainty_puts_the_most_uncertain_images_first():
@@ -145,6 +167,21 @@ def test_order_by_uncertainty_puts_the_most_uncertain_images_first():
     assert [p[0] for p in ordered] == ["wild", "calm", "unknown", "missing"]
 
 
+def test_images_are_ordered_by_expected_wrong_cells_when_all_have_them():
+    summaries = [
+        ImageSummary("agree_but_doubtful", 10, 0.0, 0.0, 3.5),  # sources agree, low scores / odd sizes
+        ImageSummary("wild", 10, 0.5, 0.8, 1.2),
+        ImageSummary("unknown", 10, None, None),
+    ]
+    pairs = [("wild", 1), ("unknown", 2), ("agree_but_doubtful", 3)]
+    ordered = order_by_uncertainty(pairs, key_of=lambda p: p[0], summaries=summaries)
+    assert [p[0] for p in ordered] == ["agree_but_doubtful", "wild", "unknown"]
+    # one defined image without the count: all fall back to p90, so the orders stay comparable
+    summaries[1] = ImageSummary("wild", 10, 0.5, 0.8)
+    ordered = order_by_uncertainty(pairs, key_of=lambda p: p[0], summaries=summaries)
+    assert [p[0] for p in ordered] == ["wild", "agree_but_doubtful", "unknown"]
+
+
 def test_summary_from_a_layers_features():
     from napari_sartorius.inference.uncertainty import summary_from_features
 
@@ -152,3 +189,7 @@ def test_summary_from_a_layers_features():
     assert s.count == 3 and s.mean == pytest.approx(0.3)
     assert summary_from_features("plain", {"label": [1, 2]}) == ImageSummary("plain", 2, None, None)
     assert summary_from_features("none", None) == ImageSummary("none", 0, None, None)
+    assert s.expected_wrong is None  # no score / area columns
+    full = summary_from_features("img", {"label": [1, 2], "uncertainty": [0.2, 0.4], "score": [0.9, 0.5],
+                                         "area": [150.0, 90.0]})
+    assert full.expected_wrong is not None and 0 < full.expected_wrong < 2

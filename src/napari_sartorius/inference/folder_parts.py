@@ -357,7 +357,7 @@ def _write_merged(images, out: Path, index: dict, validated: bool, handles: dict
                 rec = _decoded(handles, index, p.name, validated)
                 for plane in rec["planes"]:
                     n_planes += 1
-                    unc = []
+                    unc, scores, areas = [], [], []
                     for r in plane["results"]:
                         r = dict(r, image_id=n_planes, file_name=plane["name"])
                         fh.write(sep + encode(r))
@@ -365,9 +365,12 @@ def _write_merged(images, out: Path, index: dict, validated: bool, handles: dict
                         n_cells += 1
                         if r.get("uncertainty") is not None:
                             unc.append(float(r["uncertainty"]))
+                        scores.append(float(r.get("score", np.nan)))
+                        areas.append(float(r.get("area", np.nan)))
                     defined = bool(unc) and len(unc) == len(plane["results"])
                     summary.append(image_summary(plane["name"], np.asarray(unc) if defined else None,
-                                                 count=len(plane["results"])))
+                                                 count=len(plane["results"]), scores=np.asarray(scores),
+                                                 areas=np.asarray(areas)))
             fh.write("]\n")
         write_summary_csv(summary, out / SUMMARY)  # which images to correct first
         fail_path = out / FAILURES

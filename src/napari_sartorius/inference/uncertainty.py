@@ -250,24 +250,40 @@ class ClusterAgreement:
 @dataclass(frozen=True)
 class ImageSummary:
     """One row of ``summary.csv``: ``count`` cells; ``mean`` and ``p90`` of their uncertainty
-    (None when the uncertainty is undefined for the image: one model without TTA)."""
+    (None when the uncertainty is undefined for the image: one model without TTA); ``expected_wrong``,
+    the sum over the cells of the review priority (:func:`.review_rank.review_priority`, P(wrong)):
+    the number of wrong cells to expect in the image, None when the uncertainty, the scores or the
+    areas are missing. Calibrated like the priority (weight-free engine, synthetic images): a ranking
+    of images more than a count to trust."""
 
     image: str
     count: int
     mean: float | None
     p90: float | None
+    expected_wrong: float | None = None
 
 
-def image_summary(image: str, uncertainty: np.ndarray | None, count: int | None = None) -> ImageSummary:
-    """Summarise one image's cells (``uncertainty`` float ``(N,)`` or None when undefined)."""
+def image_summary(image: str, uncertainty: np.ndarray | None, count: int | None = None,
+                  scores: np.ndarray | None = None, areas: np.ndarray | None = None) -> ImageSummary:
+    """Summarise one image's cells: ``uncertainty`` float ``(N,)`` or None when undefined; with the
+    cells' ``scores`` ``(N,)`` in [0, 1] and ``areas`` ``(N,)`` in pixels also their expected number
+    of wrong cells (:class:`ImageSummary`)."""
     if uncertainty is None:
         return ImageSummary(str(image), int(count or 0), None, None)
     u = np.asarray(uncertainty, np.float64).reshape(-1)
     n = int(count if count is not None else u.size)
+    expected = None
+    if scores is not None and areas is not None and u.size:
+        s, a = np.asarray(scores, np.float64).reshape(-1), np.asarray(areas, np.float64).reshape(-1)
+        ok = np.isfinite(u) & np.isfinite(s) & np.isfinite(a) & (a > 0)
+        if s.size == u.size == a.size and ok.all():
+            from .review_rank import review_priority
+
+            expected = float(review_priority(s, u, a).sum())
     u = u[np.isfinite(u)]
     if not u.size:
         return ImageSummary(str(image), n, None, None)
-    return ImageSummary(str(image), n, float(u.mean()), float(np.percentile(u, 90)))
+    return ImageSummary(str(image), n, float(u.mean()), float(np.percentile(u, 90)), expected)
 
 
 def summarize_predictions(images: Iterable) -> list[ImageSummary]:
@@ -295,10 +311,13 @@ def summary_from_features(name: str, features) -> ImageSummary:
     n = len(np.asarray(features["label"])) if "label" in cols else 0
     if "uncertainty" not in cols:
         return ImageSummary(str(name), n, None, None)
-    return image_summary(name, np.asarray(features["uncertainty"], np.float64), count=n)
+    scores = np.asarray(features["score"], np.float64) if "score" in cols else None
+    areas = np.asarray(features["area"], np.float64) if "area" in cols else None
+    return image_summary(name, np.asarray(features["uncertainty"], np.float64), count=n, scores=scores, areas=areas)
 
 
 SUMMARY_HEADER = ("image", "cells", "mean_uncertainty", "p90_uncertainty")
+SUMMARY_OPTIONAL = ("expected_wrong",)  # written always; absent from summary.csv files of older versions
 
 
 def write_summary_csv(rows: Iterable[ImageSummary], path: str | os.PathLike) -> None:
@@ -310,9 +329,9 @@ def write_summary_csv(rows: Iterable[ImageSummary], path: str | os.PathLike) -> 
 
     with atomic_write(path, newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(SUMMARY_HEADER)
+        w.writerow(SUMMARY_HEADER + SUMMARY_OPTIONAL)
         for r in rows:
-            w.writerow((r.image, r.count, fmt(r.mean), fmt(r.p90)))
+            w.writerow((r.image, r.count, fmt(r.mean), fmt(r.p90), fmt(r.expected_wrong)))
 
 
 def read_summary_csv(path: str | os.PathLike) -> list[ImageSummary]:
@@ -326,7 +345,8 @@ def read_summary_csv(path: str | os.PathLike) -> list[ImageSummary]:
             def num(v):
                 return float(v) if v not in (None, "") else None
 
-            out.append(ImageSummary(row["image"], int(row["cells"]), num(row["mean_uncertainty"]), num(row["p90_uncertainty"])))
+            out.append(ImageSummary(row["image"], int(row["cells"]), num(row["mean_uncertainty"]),
+                                    num(row["p90_uncertainty"]), num(row.get("expected_wrong"))))
     return out
 
 
@@ -334,16 +354,21 @@ def order_by_uncertainty(items: Sequence, key_of=lambda x: x, summaries: Sequenc
     """``items`` (e.g. the Fine-tune dock's image/labels pairs) ordered most uncertain first.
 
     Each item's image name (``key_of(item)``) is looked up among ``summaries`` (a list of
-    :class:`ImageSummary` or a dict name -> ImageSummary); ordering is by ``p90`` then ``mean``,
-    descending; items without a defined uncertainty keep their relative order at the end.
+    :class:`ImageSummary` or a dict name -> ImageSummary); ordering is by the expected number of
+    wrong cells when every item with a defined uncertainty has one (it also counts score and size, and
+    ranks images where the sources agree everywhere), else by ``p90`` then ``mean``, descending; items
+    without a defined uncertainty keep their relative order at the end.
     """
     table = summaries if isinstance(summaries, dict) else {s.image: s for s in summaries}
+    defined = [table.get(key_of(item)) for item in items]
+    defined = [s for s in defined if s is not None and s.p90 is not None]
+    by_expected = bool(defined) and all(s.expected_wrong is not None for s in defined)
 
     def rank(pair):
         pos, item = pair
         s = table.get(key_of(item))
         if s is None or s.p90 is None:
-            return (1, 0.0, 0.0, pos)
-        return (0, -s.p90, -(s.mean or 0.0), pos)
+            return (1, 0.0, 0.0, 0.0, pos)
+        return (0, -s.expected_wrong if by_expected else 0.0, -s.p90, -(s.mean or 0.0), pos)
 
     return [item for _, item in sorted(enumerate(items), key=rank)]
