@@ -29,7 +29,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
+from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities, mask_chunk_for
+from .pooler import pooling_features
 from .mask_loss import mask_rcnn_loss
 
 __all__ = ["CascadeRoIHeads", "CascadeBoxPredictor", "select_detections"]
@@ -217,6 +218,8 @@ class CascadeRoIHeads(RoIHeads):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
             stage0 = (proposals, matched_idxs, labels)
+        else:
+            features = pooling_features(features)  # converted once for the stages' and chunks' pooling
         boxes = proposals
         probs: list[Tensor] = []
         deltas = None
@@ -252,7 +255,8 @@ class CascadeRoIHeads(RoIHeads):
         result = self._detections(final, sum(probs) / len(probs))
         probs = chunked_mask_probabilities(
             self.mask_roi_pool, self.mask_head, self.mask_predictor, features,
-            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,
+            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes,
+            chunk=mask_chunk_for(next(iter(features.values())).device, self.mask_chunk),
         )
         for r, m in zip(result, probs):
             r["masks"] = m

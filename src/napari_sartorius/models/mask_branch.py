@@ -4,18 +4,57 @@ A Mask R-CNN keeps up to ``detections_per_img`` (1000) boxes per image, and TTA 
 as one batch: 4,000 boxes through torchvision's mask branch at once hold a 4000 x 256 x 28 x 28 float
 tensor (3.2 GB) after the deconvolution. Pooling, head and predictor act on each box independently
 (GroupNorm and frozen BatchNorm normalise per box), so running them on chunks of boxes gives the same
-probabilities with memory bounded by the chunk.
+probabilities with memory bounded by the chunk. Chunks run over the detections of the whole batch (an
+image with few boxes shares a pass with the next), so a batch of B images takes ``ceil(sum N_i / chunk)``
+passes, not B or more.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-#: Boxes per mask-branch pass at test time: 256 boxes hold ~200 MB at the 28 x 28 deconvolution.
+#: Boxes per mask-branch pass on the CPU: 256 boxes hold ~200 MB at the 28 x 28 deconvolution.
 DEFAULT_CHUNK = 256
+#: Boxes per pass on a GPU (~0.4 GB in fp16, 0.8 GB in fp32 at the deconvolution): fewer, larger passes
+#: keep the device busy; a head's own ``mask_chunk`` above this is kept.
+GPU_CHUNK = 1024
+
+
+def mask_chunk_for(device: torch.device, chunk: int) -> int:
+    """Boxes per mask-branch pass on ``device`` for a head whose ``mask_chunk`` is ``chunk``: ``chunk``
+    on the CPU, at least :data:`GPU_CHUNK` elsewhere."""
+    return chunk if device.type == "cpu" else max(chunk, GPU_CHUNK)
+
+
+def probabilities_in_chunks(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    chunk: int,
+    probabilities: Callable[[list[Tensor], Tensor], Tensor],
+    mask_size: int = 28,
+) -> list[Tensor]:
+    """Run ``probabilities(per_image_boxes, classes) -> (n, 1, M, M)`` on chunks of at most ``chunk``
+    detections of the whole batch (``per_image_boxes``: one ``(n_i, 4)`` tensor per image, possibly
+    empty, ``sum n_i = n``; ``classes``: their int64 ``(n,)`` labels in the same order) and split the
+    results back per image: a list of ``(N_i, 1, M, M)``."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    sizes = [len(b) for b in boxes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    if total == 0:
+        return [b.new_zeros((0, 1, mask_size, mask_size)) for b in boxes]
+    all_labels = torch.cat(list(labels))
+    parts = []
+    for start in range(0, total, chunk):
+        end = min(start + chunk, total)
+        # each image's boxes that fall in [start, end) of the batch's detections, in batch order
+        per_image = [b[min(max(start - o, 0), n) : min(max(end - o, 0), n)] for b, o, n in zip(boxes, offsets, sizes)]
+        parts.append(probabilities(per_image, all_labels[start:end]))
+    return list(torch.cat(parts).split(sizes))
 
 
 def chunked_mask_probabilities(
@@ -36,22 +75,16 @@ def chunked_mask_probabilities(
         features: the backbone's feature maps for the whole batch.
         boxes: per image, float ``(N_i, 4)`` detections in the resized input's coordinates.
         labels: per image, int64 ``(N_i,)`` predicted classes (1..K, 0 = background).
-        chunk: boxes per pass.
+        chunk: boxes per pass, counted over the whole batch.
         mask_size: M, the side of the predictor's masks (for images without detections).
 
     Returns:
         Per image, float ``(N_i, 1, M, M)`` sigmoid probabilities (M = the predictor's output size),
         as torchvision's ``maskrcnn_inference`` gives.
     """
-    n_images = len(boxes)
-    out: list[Tensor] = []
-    for i, (b, lab) in enumerate(zip(boxes, labels)):
-        parts = []
-        for start in range(0, len(b), chunk):
-            part = b[start : start + chunk]
-            per_image = [part if j == i else part.new_zeros((0, 4)) for j in range(n_images)]
-            logits = predictor(head(roi_pool(features, per_image, image_shapes)))
-            cls = lab[start : start + chunk]
-            parts.append(logits[torch.arange(len(part), device=logits.device), cls].sigmoid()[:, None])
-        out.append(torch.cat(parts) if parts else b.new_zeros((0, 1, mask_size, mask_size)))
-    return out
+
+    def probabilities(per_image: list[Tensor], cls: Tensor) -> Tensor:
+        logits = predictor(head(roi_pool(features, per_image, image_shapes)))
+        return logits[torch.arange(len(cls), device=logits.device), cls].sigmoid()[:, None]
+
+    return probabilities_in_chunks(boxes, labels, chunk, probabilities, mask_size)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
-from .mask_branch import DEFAULT_CHUNK
+from .pooler import pooling_features
+from .mask_branch import DEFAULT_CHUNK, mask_chunk_for, probabilities_in_chunks
 from .mask_loss import mask_rcnn_loss
 from .mmdet_cascade_config import stage_loss_weights
 
@@ -95,23 +96,18 @@ class MMDetCascadeRoIHeads(CascadeRoIHeads):
             Per image, float ``(N_i, 1, 28, 28)``, computed ``mask_chunk`` boxes at a time (pooled once
             per chunk for all stages).
         """
-        n_images = len(boxes)
-        out: list[Tensor] = []
-        for i, (b, lab) in enumerate(zip(boxes, labels)):
-            parts = []
-            for start in range(0, len(b), self.mask_chunk):
-                part = b[start : start + self.mask_chunk]
-                per_image = [part if j == i else part.new_zeros((0, 4)) for j in range(n_images)]
-                pooled = self.mask_roi_pool(features, per_image, image_shapes)
-                rows = torch.arange(len(part), device=part.device)
-                cls = lab[start : start + self.mask_chunk]
-                prob = None
-                for head, predictor in zip(self.mask_head, self.mask_predictor):
-                    p = predictor(head(pooled))[rows, cls].float().sigmoid()
-                    prob = p if prob is None else prob + p
-                parts.append((prob / self.num_stages)[:, None])
-            out.append(torch.cat(parts) if parts else b.new_zeros((0, 1, 28, 28)))
-        return out
+
+        def probabilities(per_image: list[Tensor], cls: Tensor) -> Tensor:
+            pooled = self.mask_roi_pool(features, per_image, image_shapes)
+            rows = torch.arange(len(cls), device=cls.device)
+            prob = None
+            for head, predictor in zip(self.mask_head, self.mask_predictor):
+                p = predictor(head(pooled))[rows, cls].float().sigmoid()
+                prob = p if prob is None else prob + p
+            return (prob / self.num_stages)[:, None]
+
+        chunk = mask_chunk_for(features[self.mask_roi_pool.featmap_names[0]].device, self.mask_chunk)
+        return probabilities_in_chunks(boxes, labels, chunk, probabilities)
 
     def _training_forward(self, features, proposals, image_shapes, targets):
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -151,6 +147,7 @@ class MMDetCascadeRoIHeads(CascadeRoIHeads):
     ):
         if self.training:
             return self._training_forward(features, proposals, image_shapes, targets)
+        features = pooling_features(features)  # converted once for the stages' and chunks' pooling
         boxes, deltas, logit_sum = proposals, None, None
         for k in range(self.num_stages):
             if k > 0:

@@ -5,6 +5,12 @@ trained with ``ROIAlignV2`` (``aligned=True``: a box edge at pixel coordinate x 
 the feature grid's pixel centres). :class:`RoIPooler` takes the flag, fixed feature-map strides instead
 of inferring them from the first batch, and detectron2's level assignment
 ``floor(4 + log2(sqrt(area) / 224 + 1e-8))`` clamped to the available levels.
+
+One pooling call waits for the device once (the number of boxes per level; torchvision's
+``MultiScaleRoIAlign`` waits once per level) and writes each level's boxes into place without zero-filling
+the output first. RoIAlign reads float32 contiguous maps: fp16 maps under autocast or channels-last maps
+are converted on every call, so a head that pools several times converts them once up front with
+:func:`pooling_features`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,21 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["RoIPooler", "assign_levels"]
+__all__ = ["RoIPooler", "assign_levels", "pooling_features"]
+
+
+def pooling_features(features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``features`` as RoIAlign reads them: float32 (float64 kept) and contiguous ``(B, C, H, W)``.
+
+    For heads that pool the same maps several times (box head, mask chunks, cascade stages): converting
+    once here makes the pooler's own conversions no-ops. Maps already in that form are passed through.
+    """
+    out = {}
+    for name, fmap in features.items():
+        if fmap.dtype != torch.float64:
+            fmap = fmap.float()
+        out[name] = fmap.contiguous()
+    return out
 
 
 def assign_levels(
@@ -78,12 +98,21 @@ class RoIPooler(nn.Module):
         kw = dict(output_size=self.output_size, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
         if len(maps) == 1:
             return roi_align(maps[0], rois, spatial_scale=self.scales[0], **kw)
+        if rois.shape[0] == 0:
+            return maps[0].new_zeros((0, maps[0].shape[1]) + self.output_size)
         levels = assign_levels(rois[:, 1:], self.min_level, self.max_level)
-        out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1]) + self.output_size)
-        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            if idx.numel():
-                out[idx] = roi_align(fmap, rois[idx], spatial_scale=scale, **kw)
+        counts = torch.bincount(levels, minlength=len(maps)).tolist()  # the call's one wait for the device
+        if max(counts) == rois.shape[0]:  # every box on one level (small cells: the finest)
+            level = counts.index(rois.shape[0])
+            return roi_align(maps[level], rois, spatial_scale=self.scales[level], **kw)
+        order = torch.argsort(levels, stable=True)
+        out = maps[0].new_empty((rois.shape[0], maps[0].shape[1]) + self.output_size)
+        start = 0
+        for level, (fmap, scale, n) in enumerate(zip(maps, self.scales, counts)):
+            if n:
+                idx = order[start : start + n]
+                out.index_copy_(0, idx, roi_align(fmap, rois[idx], spatial_scale=scale, **kw))
+            start += n
         return out
 
     def extra_repr(self) -> str:
