@@ -3,7 +3,7 @@
 Times, on one synthetic 520 x 704 SH-SY5Y image, an R50-FPN with random weights whose FrozenBN
 statistics are drawn away from the identity (as trained weights), at ``--test-size``:
 ``network`` (the model's forward: boxes, scores, M x M masks) and ``to results``
-(``MaskRCNNEngine.predict``: crops pasted), plain vs. prepared (``cpu_fast=True``, what engines loaded
+(``MaskRCNNEngine.predict``: crops pasted), plain vs. prepared (``fast=True``, what engines loaded
 from checkpoints run), median of ``--runs`` after a warm-up, with the ratio prepared / plain and the
 largest difference of the backbone features. Use ``bench_detectron2.py`` for the comparison with
 detectron2 itself where it is built.
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     plain = MaskRCNNEngine(model, config)
-    fast = MaskRCNNEngine(copy.deepcopy(model), config, cpu_fast=True)
+    fast = MaskRCNNEngine(copy.deepcopy(model), config, fast=True)
     image = make_sample("shsy5y", seed=0).image
     x = image_to_tensor(image)
     with torch.inference_mode():

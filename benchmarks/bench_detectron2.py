@@ -25,8 +25,8 @@ Weights (``--weights``):
 
 Images (``--images``): the real 520 x 704 PNGs of ``<repo>/../shared/data/real`` (``images/`` and
 ``unlabelled/``) when that folder is there, else one synthetic SH-SY5Y image. The project's model runs
-as an engine loaded from a checkpoint runs it on the CPU (``cpu_fast``: FrozenBN folded, channels-last,
-:mod:`napari_sartorius.models.cpu_fast`); ``--plain`` times it without that preparation.
+as an engine loaded from a checkpoint runs it on the CPU (``fast``: FrozenBN folded, channels-last,
+:mod:`napari_sartorius.models.fast_inference`); ``--plain`` times it without that preparation.
 
 Each run times every image on both sides, alternating which side goes first (the machine may be shared:
 both see the same load); one warm-up pass first. Times are CPU seconds of the process (with one torch
@@ -175,8 +175,8 @@ def bench(arch: str, images, args) -> list[tuple[float, float]]:
         weights = Path(tmp) / "model_final.pth"
         torch.save({"model": d2_model.state_dict()}, weights)
         model, config, _ = load_detectron2_model(weights, cfg_path, ("shsy5y", "astro", "cort"))
-    # as a checkpoint's engine runs on the CPU: FrozenBN folded, channels-last (models/cpu_fast.py)
-    engine = MaskRCNNEngine(model, config, cpu_fast=not args.plain)
+    # as a checkpoint's engine runs on the CPU: FrozenBN folded, channels-last (models/fast_inference.py)
+    engine = MaskRCNNEngine(model, config, fast=not args.plain)
 
     ratios = []
     with torch.inference_mode():

@@ -3,7 +3,7 @@
 Prints one table:
 
 * images/s of one model without TTA, fp32 and fp16 (fp16 autocast on CUDA only), ``--batch`` images
-  per pass;
+  per pass, as built (plain) and prepared as checkpoint engines run (FrozenBN folded, channels-last);
 * images/s of ``--models`` models x 4 flips (one TTA batch per model, fused with WBF);
 * images/s of the ``segment`` command end to end on a folder of ``--images`` PNGs (one checkpoint, no
   TTA: decoding, network, pasting, post-processing, label images and ``predictions.json``; ``--workers``
@@ -76,7 +76,7 @@ def make_images(n: int, seed: int = 0) -> list[np.ndarray]:
     return [make_sample("shsy5y", seed=seed + k).image for k in range(n)]
 
 
-def make_engine(device: str, test_size: int, seed: int, amp: bool, detections: int):
+def make_engine(device: str, test_size: int, seed: int, amp: bool, detections: int, fast: bool = True):
     from napari_sartorius.models.architectures import build_model
     from napari_sartorius.models.config import ModelConfig
     from napari_sartorius.models.predictor import MaskRCNNEngine
@@ -84,7 +84,7 @@ def make_engine(device: str, test_size: int, seed: int, amp: bool, detections: i
     torch.manual_seed(seed)
     config = ModelConfig("mask_rcnn_R_50_FPN", min_size_test=test_size, max_size_test=2 * test_size,
                          detections_per_img=detections)
-    return MaskRCNNEngine(build_model(config), config, device=device, name=f"R50-{seed}", amp=amp)
+    return MaskRCNNEngine(build_model(config), config, device=device, name=f"R50-{seed}", amp=amp, fast=fast)
 
 
 def images_per_second(engine, images, batch: int, timers: Timers) -> tuple[float, float]:
@@ -191,17 +191,24 @@ def main(argv=None) -> None:
     images = make_images(n)
     rows: list[tuple[str, str]] = []
 
-    engine = make_engine(args.device, size, 0, amp=False, detections=detections)
-    ips, det = images_per_second(engine, images, batch, timers)
-    rows.append(("1 model, no TTA, fp32", f"{ips:.2f} images/s ({det:.0f} detections/image)"))
-    print(*rows[-1], sep=": ", file=sys.stderr, flush=True)  # progress only: the table is on stdout
-    if gpu:
-        engine.amp = True
+    # plain: the network as built; fast: FrozenBN folded, channels-last weights (what checkpoint engines run)
+    for fast in (False, True):
+        kind = "folded + channels-last" if fast else "plain"
+        engine = make_engine(args.device, size, 0, amp=False, detections=detections, fast=fast)
         ips, det = images_per_second(engine, images, batch, timers)
-        rows.append(("1 model, no TTA, fp16", f"{ips:.2f} images/s ({det:.0f} detections/image)  [target >= 25]"))
-    else:
-        rows.append(("1 model, no TTA, fp16", "n/a (fp16 autocast runs on CUDA only)"))
+        rows.append((f"1 model, no TTA, fp32, {kind}", f"{ips:.2f} images/s ({det:.0f} detections/image)"))
+        print(*rows[-1], sep=": ", file=sys.stderr, flush=True)  # progress only: the table is on stdout
+        if gpu:
+            engine.amp = True
+            ips, det = images_per_second(engine, images, batch, timers)
+            rows.append((f"1 model, no TTA, fp16, {kind}",
+                         f"{ips:.2f} images/s ({det:.0f} detections/image)  [target >= 25]"))
+            print(*rows[-1], sep=": ", file=sys.stderr, flush=True)
+            engine.amp = False
+        else:
+            rows.append((f"1 model, no TTA, fp16, {kind}", "n/a (fp16 autocast runs on CUDA only)"))
 
+    engine.amp = gpu
     engines = [engine] + [make_engine(args.device, size, s, amp=gpu, detections=detections) for s in range(1, args.models)]
     ens_images = images[: max(1, n // 4)] if gpu else images[:1]
     ips = ensemble_run(engines, ens_images, timers)
@@ -210,7 +217,9 @@ def main(argv=None) -> None:
     shares = dict(timers.seconds)
     total = shares.pop("total")
 
-    ips = cli_run(engine, images, args.device, batch, workers)
+    # the checkpoint needs the network as built (a folded model has no BatchNorm tensors to save)
+    ips = cli_run(make_engine(args.device, size, 0, amp=False, detections=detections, fast=False), images,
+                  args.device, batch, workers)
     rows.append((f"segment CLI on a folder of {n} PNGs (--workers {workers})", f"{ips:.2f} images/s"))
 
     parts = ["forward", "pasting", "fusion", "post-processing"]

@@ -1,4 +1,5 @@
-"""The GPU path on a real CUDA device: same weights give the same detections as the CPU (fp32),
+"""The GPU path on a real CUDA device: same weights give the same detections as the CPU (fp32, also
+with FrozenBN folded and channels-last weights as checkpoint engines run),
 fp16 autocast stays close to fp32, a TTA batch equals its images one by one, a real out-of-memory
 error is recognised, and ``segment --device cuda`` on a folder matches ``--device cpu``.
 
@@ -51,8 +52,8 @@ def model():
     return build_model(_config()).eval()
 
 
-def _engine(model, device, amp=False):
-    return MaskRCNNEngine(copy.deepcopy(model), _config(), device=device, amp=amp, name=f"r50-{device}")
+def _engine(model, device, amp=False, fast=False):
+    return MaskRCNNEngine(copy.deepcopy(model), _config(), device=device, amp=amp, name=f"r50-{device}", fast=fast)
 
 
 def _image(seed=1, shape=(160, 208)):
@@ -67,10 +68,11 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
-def test_fp32_cuda_equals_cpu_on_the_same_weights(model, same_detections):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "folded-channels-last"])
+def test_fp32_cuda_equals_cpu_on_the_same_weights(model, same_detections, fast):
     image = _image()
     cpu = _engine(model, "cpu").predict(image)
-    gpu = _engine(model, "cuda").predict(image)
+    gpu = _engine(model, "cuda", fast=fast).predict(image)
     assert len(cpu) > 10
     pairs = same_detections(cpu.boxes, cpu.scores, gpu.boxes, gpu.scores, labels_a=cpu.classes,
                             labels_b=gpu.classes, box_atol=0.05, score_atol=1e-4, max_tie_breaks=3)

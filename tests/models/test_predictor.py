@@ -156,8 +156,8 @@ def test_other_errors_are_not_swallowed(engine, monkeypatch):
 def test_from_checkpoint(engine, tmp_path):
     path = tmp_path / "cells-r50.pt"
     save_checkpoint(path, engine.model, engine.config)
-    # cpu_fast=False: the very same network (the folded one differs by float rounding, test_cpu_fast)
-    loaded = MaskRCNNEngine.from_checkpoint(path, device="cpu", cpu_fast=False)
+    # fast=False: the very same network (the folded one differs by float rounding, test_fast_inference)
+    loaded = MaskRCNNEngine.from_checkpoint(path, device="cpu", fast=False)
     assert loaded.name == "cells-r50" and loaded.class_names == engine.class_names
     img = _images()[0]
     a, b = engine.predict(img), loaded.predict(img)

@@ -123,6 +123,10 @@ class MaskRCNNEngine:
             already use every core inside one image, and 4 images of 1024 x 1386 px in one pass
             hold ~1.2 GB more activations (measured: 4.35 GB peak RSS for 3 R50-FPN x 4 flips, a
             batch at a time, vs. the 3 GB target), so the CPU takes them one at a time.
+        fast: fold FrozenBN into the convolutions and make their weights channels-last, in place
+            (:mod:`.fast_inference`; on the CPU and CUDA): results change by float rounding only, but
+            the model's ``state_dict`` loses the checkpoint's layout, so only for a model nothing else
+            trains or saves (:meth:`from_checkpoint` engines, where it is the default).
     """
 
     def __init__(
@@ -134,7 +138,7 @@ class MaskRCNNEngine:
         name: str | None = None,
         amp: bool = True,
         cpu_batch: int = 1,
-        cpu_fast: bool = False,
+        fast: bool = False,
     ) -> None:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
@@ -147,10 +151,10 @@ class MaskRCNNEngine:
             raise ValueError(f"cpu_batch must be at least 1, got {cpu_batch}")
         self.cpu_batch = int(cpu_batch)
         self.model = model.eval().to(self.device)
-        if cpu_fast and self.device.type == "cpu":
-            from .cpu_fast import prepare_for_cpu_inference_
+        if fast and self.device.type in ("cpu", "cuda"):
+            from .fast_inference import prepare_for_inference_
 
-            prepare_for_cpu_inference_(self.model)
+            prepare_for_inference_(self.model)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> MaskRCNNEngine:
@@ -159,7 +163,7 @@ class MaskRCNNEngine:
 
         model, config = load_checkpoint(path, map_location="cpu")
         kwargs.setdefault("name", Path(path).stem)
-        kwargs.setdefault("cpu_fast", True)  # the freshly loaded model is the engine's own
+        kwargs.setdefault("fast", True)  # the freshly loaded model is the engine's own
         return cls(model, config, device=device, **kwargs)
 
     def __repr__(self) -> str:
