@@ -118,8 +118,8 @@ def ensemble_run(engines, images, timers: Timers) -> float:
             timers.seconds["forward"] = timers.seconds.get("forward", 0.0) + time.perf_counter() - starts.pop()
 
         hooks += [e.model.register_forward_pre_hook(pre), e.model.register_forward_hook(post)]
-    real_paste, real_fuse = mp.paste_crops, seg.fuse_instances
-    mp.paste_crops = timers.wrap("pasting", real_paste)
+    real_paste, real_fuse = mp.paste_crops_batch, seg.fuse_instances
+    mp.paste_crops_batch = timers.wrap("pasting", real_paste)
     seg.fuse_instances = timers.wrap("fusion", real_fuse)
     try:
         seg.run_to_completion(seg.segment_image(images[0], engines, tta="flips"))  # warm-up
@@ -130,7 +130,7 @@ def ensemble_run(engines, images, timers: Timers) -> float:
                 with timers.section("post-processing"):
                     postprocess(raw, settings)
     finally:
-        mp.paste_crops, seg.fuse_instances = real_paste, real_fuse
+        mp.paste_crops_batch, seg.fuse_instances = real_paste, real_fuse
         for h in hooks:
             h.remove()
     return len(images) / timers.seconds["total"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sartorius.models.mask_paste import crop_windows, paste_crops
+from napari_sartorius.models.mask_paste import crop_windows, paste_crops, paste_crops_batch
 from napari_sartorius.models.predictor import paste_mask_crop
 
 TOL = 1e-6  # float32 matrix products may round differently from NumPy's BLAS
@@ -39,6 +39,26 @@ def test_equals_per_detection_numpy_pasting(m, max_elements):
         assert crops[i].shape == ref.shape and crops[i].dtype == np.float32
         np.testing.assert_allclose(crops[i], ref, rtol=0, atol=TOL)
         assert np.array_equal(crops[i] >= 0.5, ref >= 0.5) or np.abs(ref - 0.5).min() < TOL
+
+
+@pytest.mark.parametrize("max_elements", [2**24, 3000])
+def test_a_batch_equals_its_images_one_by_one(max_elements):
+    """Images of different sizes (each window clipped to its own image), one without detections."""
+    sizes = [(90, 130), (40, 50), (120, 70)]
+    boxes = [random_boxes(25, sizes[0], seed=1), torch.zeros(0, 4), random_boxes(30, sizes[2], seed=2)]
+    gen = torch.Generator().manual_seed(3)
+    masks = [torch.rand(len(b), 1, 28, 28, generator=gen) for b in boxes]
+    got = paste_crops_batch(masks, boxes, sizes, max_elements=max_elements)
+    assert len(got) == 3
+    for (crops, origins), m, b, size in zip(got, masks, boxes, sizes):
+        ref_crops, ref_origins = paste_crops(m, b, size)
+        assert len(crops) == len(b) and np.array_equal(origins, ref_origins)
+        for a, r in zip(crops, ref_crops):
+            assert a.shape == r.shape
+            np.testing.assert_allclose(a, r, rtol=0, atol=TOL)
+    assert [len(c) for c, _ in paste_crops_batch([masks[1]], [boxes[1]], [sizes[1]])] == [0]
+    with pytest.raises(ValueError, match="image sizes"):
+        paste_crops_batch(masks, boxes, sizes[:2])
 
 
 def test_windows_and_empty_input():

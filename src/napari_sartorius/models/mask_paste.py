@@ -8,6 +8,9 @@ a few batched matrix products on the masks' device: each crop is ``Wy @ mask @ W
 non-zeros a row). Detections are sorted by window size and processed in chunks padded to the chunk's
 largest window (at most ``max_elements`` floats per chunk), never a full-image mask per detection;
 the valid pixels of all crops are gathered into one flat tensor and copied to the host once.
+:func:`paste_crops_batch` does it for the detections of a whole batch of images in one go (each
+detection's window clipped to its own image), so a batch waits for the device once per chunk, not
+once per chunk of every image.
 
 The windows, sample positions (float64) and weights (float32) are computed exactly as
 :func:`~.predictor.paste_mask_crop` does; only the float32 matrix products may round differently
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["paste_crops", "crop_windows", "DEFAULT_MAX_ELEMENTS"]
+__all__ = ["paste_crops", "paste_crops_batch", "crop_windows", "DEFAULT_MAX_ELEMENTS"]
 
 #: Floats of one padded chunk of crops (2**24: 64 MB in float32).
 DEFAULT_MAX_ELEMENTS = 2**24
@@ -74,13 +77,48 @@ def paste_crops(
     """
     if masks.dim() == 4:
         masks = masks[:, 0]
-    n = int(masks.shape[0])
-    if n == 0:
+    if int(masks.shape[0]) == 0:
         return [], np.zeros((0, 2), np.int64)
+    boxes = boxes.to(masks.device)
+    return _paste(masks, boxes, crop_windows(boxes, image_size), max_elements)
+
+
+def paste_crops_batch(
+    masks: list[Tensor],
+    boxes: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """:func:`paste_crops` of each image of a batch, computed together on the masks' device.
+
+    Args:
+        masks: per image, float ``(N_i, M, M)`` or ``(N_i, 1, M, M)`` probabilities (same M for all).
+        boxes: per image, float ``(N_i, 4)`` xyxy boxes in that image's pixels.
+        image_sizes: per image, ``(height, width)`` in pixels.
+
+    Returns:
+        Per image, ``(crops, origins)`` as :func:`paste_crops` gives for that image alone.
+    """
+    if not (len(masks) == len(boxes) == len(image_sizes)):
+        raise ValueError(f"got {len(masks)} mask sets, {len(boxes)} box sets and {len(image_sizes)} image sizes")
+    masks = [m[:, 0] if m.dim() == 4 else m for m in masks]
+    counts = [int(m.shape[0]) for m in masks]
+    if sum(counts) == 0:
+        return [([], np.zeros((0, 2), np.int64)) for _ in masks]
+    device = masks[0].device
+    boxes = [b.to(device) for b in boxes]
+    win = torch.cat([crop_windows(b, size) for b, size in zip(boxes, image_sizes)])
+    crops, origins = _paste(torch.cat(masks), torch.cat(boxes), win, max_elements)
+    ends = np.cumsum(counts).tolist()
+    return [(crops[e - c : e], origins[e - c : e]) for e, c in zip(ends, counts)]
+
+
+def _paste(masks: Tensor, boxes: Tensor, win: Tensor, max_elements: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Crops of float ``(N, M, M)`` masks over ``(N, 4)`` boxes onto their int64 ``(N, 4)`` windows
+    ``(y0, x0, y1, x1)`` (:func:`crop_windows`), ``N >= 1``; returns ``(crops, origins)``."""
+    n = int(masks.shape[0])
     m_h, m_w = int(masks.shape[-2]), int(masks.shape[-1])
     masks = masks.float()
-    boxes = boxes.to(masks.device)
-    win = crop_windows(boxes, image_size)
     hs, ws = win[:, 2] - win[:, 0], win[:, 3] - win[:, 1]
     order = torch.argsort(hs * ws, stable=True)
     hs_host, ws_host = hs.cpu().numpy(), ws.cpu().numpy()

@@ -7,7 +7,7 @@ results come back in the image's own pixels, with raw scores (above ``config.sco
 overlaps kept) and masks as **crops**: the mask head's ``M x M`` probabilities resampled onto the integer
 pixel window around each box, exactly as detectron2's ``paste_masks_in_image`` samples them (bilinear at
 pixel centres, the ``M x M`` grid spanning the float box, zero outside it) but never into a full image.
-All detections of an image are pasted at once on the model's device (:func:`~.mask_paste.paste_crops`,
+All detections of a batch are pasted at once on the model's device (:func:`~.mask_paste.paste_crops_batch`,
 equal to :func:`paste_mask_crop`'s NumPy resampling) and only the crops' own pixels are copied back.
 
 On CUDA the forward runs under fp16 autocast. A CUDA out-of-memory error prints a warning that names the
@@ -218,27 +218,24 @@ class MaskRCNNEngine:
     def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
         """One eval forward on ``self.device``, masks pasted into crops there (:mod:`.mask_paste`);
         boxes, scores, labels as float32/int64 CPU tensors, ``crops`` and ``origins`` as NumPy."""
-        from .mask_paste import paste_crops
+        from .mask_paste import paste_crops_batch
 
         with torch.inference_mode():
             # a compact (H, W) uint8 image becomes the float (3, H, W) of image_to_tensor on the device
             inputs = [t.to(self.device).float().expand(3, -1, -1) if t.dim() == 2 else t.to(self.device) for t in tensors]
             with autocast_context(self.device, enabled=self.amp):
                 outputs = self.model(inputs)
-            result = []
-            for out, t in zip(outputs, tensors):
-                boxes = out["boxes"].float()
-                crops, origins = paste_crops(out["masks"], boxes, tuple(t.shape[-2:]))
-                result.append(
-                    {
-                        "boxes": boxes.cpu(),
-                        "scores": out["scores"].float().cpu(),
-                        "labels": out["labels"].cpu(),
-                        "crops": crops,
-                        "origins": origins,
-                    }
-                )
-        return result
+            boxes = [out["boxes"].float() for out in outputs]
+            pasted = paste_crops_batch([out["masks"] for out in outputs], boxes, [tuple(t.shape[-2:]) for t in tensors])
+            # one copy to the host per field for the whole batch
+            counts = [len(b) for b in boxes]
+            boxes_host = torch.cat(boxes).cpu().split(counts)
+            scores_host = torch.cat([out["scores"].float() for out in outputs]).cpu().split(counts)
+            labels_host = torch.cat([out["labels"] for out in outputs]).cpu().split(counts)
+        return [
+            {"boxes": b, "scores": sc, "labels": lab, "crops": crops, "origins": origins}
+            for b, sc, lab, (crops, origins) in zip(boxes_host, scores_host, labels_host, pasted)
+        ]
 
     def _to_instances(self, out: dict, image_size: tuple[int, int]) -> Instances:
         return Instances(
