@@ -60,9 +60,10 @@ class LogitRankedRPN(ChunkedMatchRPN):
         final_boxes, final_scores = [], []
         for boxes, lg, lvl, img_shape in zip(proposals, logits, levels, image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
-            keep = box_ops.remove_small_boxes(boxes, self.min_size)
-            boxes, lg, lvl = boxes[keep], lg[keep], lvl[keep]
-            keep = torch.where(torch.sigmoid(lg) >= self.score_thresh)[0]  # >= as torchvision
+            # torchvision's remove_small_boxes and score threshold (>=) as one mask: one wait for the device
+            ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+            ok = (ws >= self.min_size) & (hs >= self.min_size) & (torch.sigmoid(lg) >= self.score_thresh)
+            keep = torch.where(ok)[0]
             boxes, lg, lvl = boxes[keep], lg[keep], lvl[keep]
             keep = box_ops.batched_nms(boxes, lg, lvl, self.nms_thresh)  # ranked by logit, not sigmoid
             keep = keep[: self.post_nms_top_n()]
