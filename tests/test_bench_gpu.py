@@ -23,4 +23,6 @@ def test_bench_gpu_prints_its_table_on_the_cpu(capsys, monkeypatch):
     for row in ("1 model, no TTA, fp32", "1 model, no TTA, fp16", "2 models x 4 flips", "segment CLI on a folder",
                 "time shares", "forward", "pasting", "fusion", "post-processing", "peak resident memory"):
         assert row in out
-    assert out.count("1 model, no TTA, fp32") == 1  # the progress line goes to stderr
+    # plain and prepared engines, one row each (the progress lines go to stderr)
+    assert out.count("1 model, no TTA, fp32, plain") == 1
+    assert out.count("1 model, no TTA, fp32, folded + channels-last") == 1
