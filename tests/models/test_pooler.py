@@ -68,3 +68,24 @@ def test_pooling_features_converts_once_and_pools_the_same():
     pooler = RoIPooler(["0", "1"], 7, STRIDES[:2], sampling_ratio=2)
     boxes = [_boxes(10, 5, 200, seed=3)]
     torch.testing.assert_close(pooler(ready, boxes), pooler(odd, boxes), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_boxes_split_over_threads_give_the_same_values(threads):
+    from napari_sartorius.models.pooler import MIN_BOXES_PER_THREAD, pooled
+
+    feats = _features()
+    rois = torch.cat([torch.zeros(4 * MIN_BOXES_PER_THREAD + 5, 1), _boxes(4 * MIN_BOXES_PER_THREAD + 5, 5, 60, seed=4)], 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = pooled(feats["0"], rois, 0.25, output_size=(7, 7), sampling_ratio=0, aligned=True)
+        grad_feats = feats["0"].clone().requires_grad_()
+        trained = pooled(grad_feats, rois, 0.25, output_size=(7, 7), sampling_ratio=0, aligned=True)
+    finally:
+        torch.set_num_threads(old)
+    want = roi_align(feats["0"], rois, (7, 7), 0.25, 0, True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    trained.sum().backward()  # with autograd: one call, gradients flow to the map
+    assert grad_feats.grad is not None and float(grad_feats.grad.abs().sum()) > 0

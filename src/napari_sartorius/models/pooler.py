@@ -8,7 +8,9 @@ of inferring them from the first batch, and detectron2's level assignment
 
 One pooling call waits for the device once (the number of boxes per level; torchvision's
 ``MultiScaleRoIAlign`` waits once per level) and writes each level's boxes into place without zero-filling
-the output first. RoIAlign reads float32 contiguous maps: fp16 maps under autocast or channels-last maps
+the output first. torchvision's CPU RoIAlign runs on one thread whatever ``torch.get_num_threads()``
+says; at inference the boxes are split over that many threads (each box's output depends on that box
+alone: the same values), so pooling scales with the cores as the convolutions do. RoIAlign reads float32 contiguous maps: fp16 maps under autocast or channels-last maps
 are converted on every call, so a head that pools several times converts them once up front with
 :func:`pooling_features`.
 """
@@ -16,13 +18,59 @@ are converted on every call, so a head that pools several times converts them on
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["RoIPooler", "assign_levels", "pooling_features"]
+__all__ = ["RoIPooler", "assign_levels", "pooling_features", "pooled"]
+
+
+#: Fewest boxes per thread worth a thread of their own (below, one roi_align call).
+MIN_BOXES_PER_THREAD = 32
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _threads(n: int) -> ThreadPoolExecutor:
+    """A pool of at least ``n`` threads, kept for the next calls."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="roi_align"), n
+        return _pool
+
+
+def _forget_pool() -> None:  # a forked child has the executor object but not its threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def pooled(fmap: Tensor, rois: Tensor, spatial_scale: float, **kw) -> Tensor:
+    """``roi_align(fmap, rois, spatial_scale=..., **kw)``; on the CPU outside autograd, with the boxes
+    split over ``torch.get_num_threads()`` threads (at least :data:`MIN_BOXES_PER_THREAD` each)."""
+    parts = min(torch.get_num_threads(), rois.shape[0] // MIN_BOXES_PER_THREAD)
+    if parts < 2 or fmap.device.type != "cpu" or (torch.is_grad_enabled() and (fmap.requires_grad or rois.requires_grad)):
+        return roi_align(fmap, rois, spatial_scale=spatial_scale, **kw)
+    inference = torch.is_inference_mode_enabled()
+
+    def run(chunk: Tensor) -> Tensor:
+        with torch.inference_mode(inference), torch.no_grad():  # both are per thread: follow the caller
+            return roi_align(fmap, chunk, spatial_scale=spatial_scale, **kw)
+
+    return torch.cat(list(_threads(parts).map(run, rois.chunk(parts))))
 
 
 def pooling_features(features: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -97,21 +145,21 @@ class RoIPooler(nn.Module):
         rois = _to_rois(boxes, maps[0])
         kw = dict(output_size=self.output_size, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
         if len(maps) == 1:
-            return roi_align(maps[0], rois, spatial_scale=self.scales[0], **kw)
+            return pooled(maps[0], rois, self.scales[0], **kw)
         if rois.shape[0] == 0:
             return maps[0].new_zeros((0, maps[0].shape[1]) + self.output_size)
         levels = assign_levels(rois[:, 1:], self.min_level, self.max_level)
         counts = torch.bincount(levels, minlength=len(maps)).tolist()  # the call's one wait for the device
         if max(counts) == rois.shape[0]:  # every box on one level (small cells: the finest)
             level = counts.index(rois.shape[0])
-            return roi_align(maps[level], rois, spatial_scale=self.scales[level], **kw)
+            return pooled(maps[level], rois, self.scales[level], **kw)
         order = torch.argsort(levels, stable=True)
         out = maps[0].new_empty((rois.shape[0], maps[0].shape[1]) + self.output_size)
         start = 0
         for level, (fmap, scale, n) in enumerate(zip(maps, self.scales, counts)):
             if n:
                 idx = order[start : start + n]
-                out.index_copy_(0, idx, roi_align(fmap, rois[idx], spatial_scale=scale, **kw))
+                out.index_copy_(0, idx, pooled(fmap, rois[idx], scale, **kw))
             start += n
         return out
 
