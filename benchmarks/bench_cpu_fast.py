@@ -8,6 +8,9 @@ from checkpoints run), median of ``--runs`` after a warm-up, with the ratio prep
 largest difference of the backbone features. Use ``bench_detectron2.py`` for the comparison with
 detectron2 itself where it is built.
 
+With ``--threads`` above 1 it also times the prepared engine with RoIAlign split over the threads
+(:func:`napari_sartorius.models.pooler.pooled`) against one ``roi_align`` call per pyramid level.
+
     python benchmarks/bench_cpu_fast.py [--test-size 1024] [--runs 3] [--threads 1] [--detections 1000]
 """
 
@@ -74,6 +77,27 @@ def main(argv=None) -> None:
     print(f"network:    plain {t_net[0]:6.2f} s, prepared {t_net[1]:6.2f} s, ratio {t_net[1] / t_net[0]:.2f}")
     print(f"to results: plain {t_full[0]:6.2f} s, prepared {t_full[1]:6.2f} s, ratio {t_full[1] / t_full[0]:.2f} "
           f"({n[0]} / {n[1]} instances)")
+    if args.threads > 1:
+        # RoIAlign split over the threads (models/pooler.pooled) against one roi_align call per level,
+        # alternating, on the prepared engine
+        import napari_sartorius.models.pooler as pooler
+        from torchvision.ops import roi_align
+
+        split = pooler.pooled
+
+        def one_call(fmap, rois, spatial_scale, **kw):
+            return roi_align(fmap, rois, spatial_scale=spatial_scale, **kw)
+
+        times = {"split": [], "one": []}
+        try:
+            for run in range(2 * args.runs):
+                name, fn = (("split", split), ("one", one_call))[run % 2]
+                pooler.pooled = fn
+                times[name].append(median_time(lambda: fast.predict(image), 1))
+        finally:
+            pooler.pooled = split
+        a, b = statistics.median(times["split"]), statistics.median(times["one"])
+        print(f"RoIAlign over {args.threads} threads: {a:6.2f} s, one call {b:6.2f} s, ratio {a / b:.2f} (to results, wall)")
 
 
 if __name__ == "__main__":
