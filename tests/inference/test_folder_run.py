@@ -258,3 +258,28 @@ def test_several_images_per_pass_give_the_same_results(tmp_path, fakes):
     flips = fakes.BlobEngine()
     segment_folder(imgs[:2], [flips], tmp_path / "flips", FolderSettings(batch=3, tta="flips"), say=quiet)
     assert flips.batch_sizes == [4, 4]
+
+
+def test_the_cells_a_file_reports_are_the_records_it_writes(tmp_path, fakes):
+    """A raw detection whose mask is empty at 0.5 has no COCO record: the per-file line counts records."""
+    from skimage.io import imsave
+
+    from napari_sartorius.instances import Instances
+
+    class FaintFirst(fakes.BlobEngine):
+        def predict_one(self, image):
+            inst = super().predict_one(image)
+            masks = [m * (0.4 if k == 0 else 1.0) for k, m in enumerate(inst.masks)]  # first mask < 0.5
+            return Instances(image_size=inst.image_size, boxes=inst.boxes, scores=inst.scores,
+                             classes=inst.classes, masks=masks, mask_origins=inst.mask_origins)
+
+    d = tmp_path / "blobs"
+    d.mkdir()
+    imsave(d / "b0.png", fakes.blob_image(seed=0), check_contrast=False)
+    said = []
+    result = segment_folder(sorted(d.glob("*.png")), [FaintFirst()], tmp_path / "out", FolderSettings(raw=True),
+                            say=said.append)
+    n = len(predictions(tmp_path / "out"))
+    assert n == len(FaintFirst().predict_one(fakes.blob_image(seed=0))) - 1 > 0
+    assert any(f"b0.png: {n} cells" in line for line in said), said
+    assert result.merged_cells == n

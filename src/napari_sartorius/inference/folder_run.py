@@ -289,7 +289,9 @@ def _finish_planes(raws, planes: np.ndarray, path: Path, class_names, settings: 
             k = majority_class(inst, len(class_names))
             ctype = None if k is None else class_names[k]
         name = _plane_name(path, z, len(planes))
-        out.append((labels, _plane_records(inst, name, class_names, ctype), ctype, len(inst), plane.shape[:2]))
+        records = _plane_records(inst, name, class_names, ctype)
+        # the cells written: a raw detection whose mask is empty at 0.5 has no COCO record
+        out.append((labels, records, ctype, len(records), plane.shape[:2]))
     return out
 
 
