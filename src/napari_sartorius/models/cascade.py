@@ -30,8 +30,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities, mask_chunk_for
-from .pooler import pooling_features
 from .mask_loss import mask_rcnn_loss
+from .pooler import pooling_features
 
 __all__ = ["CascadeRoIHeads", "CascadeBoxPredictor", "select_detections"]
 

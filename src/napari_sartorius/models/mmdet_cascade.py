@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
-from .pooler import pooling_features
 from .mask_branch import DEFAULT_CHUNK, mask_chunk_for, probabilities_in_chunks
 from .mask_loss import mask_rcnn_loss
 from .mmdet_cascade_config import stage_loss_weights
+from .pooler import pooling_features
 
 __all__ = ["MMDetCascadeRoIHeads", "build_mmdet_cascade_model", "stage_loss_weights"]
 

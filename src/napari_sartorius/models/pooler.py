@@ -7,10 +7,11 @@ of inferring them from the first batch, and detectron2's level assignment
 ``floor(4 + log2(sqrt(area) / 224 + 1e-8))`` clamped to the available levels.
 
 One pooling call waits for the device once (the number of boxes per level; torchvision's
-``MultiScaleRoIAlign`` waits once per level) and writes each level's boxes into place without zero-filling
-the output first. torchvision's CPU RoIAlign runs on one thread whatever ``torch.get_num_threads()``
-says; at inference the boxes are split over that many threads (each box's output depends on that box
-alone: the same values), so pooling scales with the cores as the convolutions do. RoIAlign reads float32 contiguous maps: fp16 maps under autocast or channels-last maps
+``MultiScaleRoIAlign`` waits once per level) and writes each level's boxes into place without
+zero-filling the output first. torchvision's CPU RoIAlign runs on one thread whatever
+``torch.get_num_threads()`` says; at inference the boxes are split over that many threads (each box's
+output depends on that box alone: the same values), so pooling scales with the cores as the
+convolutions do. RoIAlign reads float32 contiguous maps: fp16 maps under autocast or channels-last maps
 are converted on every call, so a head that pools several times converts them once up front with
 :func:`pooling_features`.
 """
@@ -62,7 +63,8 @@ def pooled(fmap: Tensor, rois: Tensor, spatial_scale: float, **kw) -> Tensor:
     """``roi_align(fmap, rois, spatial_scale=..., **kw)``; on the CPU outside autograd, with the boxes
     split over ``torch.get_num_threads()`` threads (at least :data:`MIN_BOXES_PER_THREAD` each)."""
     parts = min(torch.get_num_threads(), rois.shape[0] // MIN_BOXES_PER_THREAD)
-    if parts < 2 or fmap.device.type != "cpu" or (torch.is_grad_enabled() and (fmap.requires_grad or rois.requires_grad)):
+    recording = torch.is_grad_enabled() and (fmap.requires_grad or rois.requires_grad)
+    if parts < 2 or fmap.device.type != "cpu" or recording:
         return roi_align(fmap, rois, spatial_scale=spatial_scale, **kw)
     inference = torch.is_inference_mode_enabled()
 
