@@ -61,9 +61,16 @@ def test_chunks_across_images_equal_one_pass(chunk):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_mask_chunk_is_larger_on_a_gpu():
-    from napari_sartorius.models.mask_branch import GPU_CHUNK, mask_chunk_for
+def test_mask_chunk_on_a_gpu_follows_its_free_memory(monkeypatch):
+    from napari_sartorius.models.mask_branch import GPU_BYTES_PER_BOX, GPU_CHUNK, mask_chunk_for
 
     assert mask_chunk_for(torch.device("cpu"), 7) == 7
-    assert mask_chunk_for(torch.device("cuda"), 7) == GPU_CHUNK
-    assert mask_chunk_for(torch.device("cuda"), GPU_CHUNK * 2) == GPU_CHUNK * 2
+    assert mask_chunk_for(torch.device("mps"), 7) == 7
+    free = {"bytes": 100 * 2**30}  # a large GPU: the most boxes per pass
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 * 2**30))
+    assert mask_chunk_for(torch.device("cuda"), 256) == GPU_CHUNK
+    assert mask_chunk_for(torch.device("cuda"), GPU_CHUNK * 2) == GPU_CHUNK * 2  # a larger own chunk is kept
+    free["bytes"] = 600 * GPU_BYTES_PER_BOX  # in between: what a quarter of the free memory holds
+    assert mask_chunk_for(torch.device("cuda:0"), 256) == 600
+    free["bytes"] = 2**30  # little free memory: never below the head's own chunk
+    assert mask_chunk_for(torch.device("cuda"), 256) == 256
