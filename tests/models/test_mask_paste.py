@@ -89,3 +89,17 @@ def test_cuda_pasting_equals_cpu_pasting():
     assert np.array_equal(o_cpu, o_gpu)
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_batch_pasting_equals_cpu_batch_pasting():
+    sizes = [(520, 704), (300, 400)]
+    boxes = [random_boxes(300, sizes[0], seed=6), random_boxes(200, sizes[1], seed=7)]
+    gen = torch.Generator().manual_seed(8)
+    masks = [torch.rand(len(b), 1, 28, 28, generator=gen) for b in boxes]
+    cpu = paste_crops_batch(masks, boxes, sizes)
+    gpu = paste_crops_batch([m.cuda() for m in masks], [b.cuda() for b in boxes], sizes)
+    for (c_crops, c_orig), (g_crops, g_orig) in zip(cpu, gpu):
+        assert np.array_equal(c_orig, g_orig) and len(c_crops) == len(g_crops)
+        for a, b in zip(c_crops, g_crops):
+            np.testing.assert_allclose(a, b, atol=1e-5)  # GPU matrix products round differently

@@ -89,3 +89,17 @@ def test_boxes_split_over_threads_give_the_same_values(threads):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     trained.sum().backward()  # with autograd: one call, gradients flow to the map
     assert grad_feats.grad is not None and float(grad_feats.grad.abs().sum()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_pooling_equals_cpu_pooling_and_the_chunk_fits_the_device():
+    from napari_sartorius.models.mask_branch import GPU_CHUNK, mask_chunk_for
+
+    feats = _features()
+    boxes = [_boxes(30, 5, 700, seed=0), _boxes(30, 2, 500, seed=1)]
+    pooler = RoIPooler(list(feats), 14, STRIDES, sampling_ratio=0, aligned=True)
+    cpu = pooler(feats, boxes)
+    gpu = pooler(pooling_features({k: v.cuda().half() for k, v in feats.items()}), [b.cuda() for b in boxes])
+    # the maps went through fp16: ~1e-3 relative
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=2e-3)
+    assert 256 <= mask_chunk_for(torch.device("cuda"), 256) <= GPU_CHUNK
