@@ -55,7 +55,7 @@ from .c4 import Res5RoIHeads
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
 from .config import ModelConfig
 from .registry import REGISTRY, arch_builder, check_arch
-from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities, mask_chunk_for
+from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
 from .pooler import RoIPooler, pooling_features
 from .rpn import LogitRankedRPN
@@ -168,8 +168,7 @@ class ChunkedMaskRoIHeads(RoIHeads):
             self.mask_roi_pool = pool
         probs = chunked_mask_probabilities(
             pool, self.mask_head, self.mask_predictor, features,
-            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes,
-            chunk=mask_chunk_for(next(iter(features.values())).device, self.mask_chunk),
+            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,
         )
         for r, m in zip(result, probs):
             r["masks"] = m

@@ -29,7 +29,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities, mask_chunk_for
+from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
 from .pooler import pooling_features
 
@@ -255,8 +255,7 @@ class CascadeRoIHeads(RoIHeads):
         result = self._detections(final, sum(probs) / len(probs))
         probs = chunked_mask_probabilities(
             self.mask_roi_pool, self.mask_head, self.mask_predictor, features,
-            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes,
-            chunk=mask_chunk_for(next(iter(features.values())).device, self.mask_chunk),
+            [r["boxes"] for r in result], [r["labels"] for r in result], image_shapes, chunk=self.mask_chunk,
         )
         for r, m in zip(result, probs):
             r["masks"] = m

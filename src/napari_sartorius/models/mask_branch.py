@@ -46,10 +46,11 @@ def probabilities_in_chunks(
     probabilities: Callable[[list[Tensor], Tensor], Tensor],
     mask_size: int = 28,
 ) -> list[Tensor]:
-    """Run ``probabilities(per_image_boxes, classes) -> (n, 1, M, M)`` on chunks of at most ``chunk``
-    detections of the whole batch (``per_image_boxes``: one ``(n_i, 4)`` tensor per image, possibly
-    empty, ``sum n_i = n``; ``classes``: their int64 ``(n,)`` labels in the same order) and split the
-    results back per image: a list of ``(N_i, 1, M, M)``."""
+    """Run ``probabilities(per_image_boxes, classes) -> (n, 1, M, M)`` on chunks of the whole batch's
+    detections (``per_image_boxes``: one ``(n_i, 4)`` tensor per image, possibly empty, ``sum n_i = n``;
+    ``classes``: their int64 ``(n,)`` labels in the same order) and split the results back per image: a
+    list of ``(N_i, 1, M, M)``. A chunk holds at most ``chunk`` detections on the CPU, and what
+    :func:`mask_chunk_for` allows on the boxes' device elsewhere."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     sizes = [len(b) for b in boxes]
@@ -57,6 +58,7 @@ def probabilities_in_chunks(
     total = sum(sizes)
     if total == 0:
         return [b.new_zeros((0, 1, mask_size, mask_size)) for b in boxes]
+    chunk = mask_chunk_for(boxes[0].device, chunk)
     all_labels = torch.cat(list(labels))
     parts = []
     for start in range(0, total, chunk):
@@ -85,7 +87,7 @@ def chunked_mask_probabilities(
         features: the backbone's feature maps for the whole batch.
         boxes: per image, float ``(N_i, 4)`` detections in the resized input's coordinates.
         labels: per image, int64 ``(N_i,)`` predicted classes (1..K, 0 = background).
-        chunk: boxes per pass, counted over the whole batch.
+        chunk: boxes per pass on the CPU, counted over the whole batch (on CUDA: :func:`mask_chunk_for`).
         mask_size: M, the side of the predictor's masks (for images without detections).
 
     Returns:

@@ -75,12 +75,7 @@ def paste_crops(
         ``(crops, origins)``: per detection a float32 ``(h, w)`` NumPy crop in [0, 1], and int64
         ``(N, 2)`` origins ``(y0, x0)``, equal (to 1e-6) to :func:`~.predictor.paste_mask_crop`'s.
     """
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    if int(masks.shape[0]) == 0:
-        return [], np.zeros((0, 2), np.int64)
-    boxes = boxes.to(masks.device)
-    return _paste(masks, boxes, crop_windows(boxes, image_size), max_elements)
+    return paste_crops_batch([masks], [boxes], [image_size], max_elements)[0]
 
 
 def paste_crops_batch(

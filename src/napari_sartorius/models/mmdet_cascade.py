@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
-from .mask_branch import DEFAULT_CHUNK, mask_chunk_for, probabilities_in_chunks
+from .mask_branch import DEFAULT_CHUNK, probabilities_in_chunks
 from .mask_loss import mask_rcnn_loss
 from .mmdet_cascade_config import stage_loss_weights
 from .pooler import pooling_features
@@ -106,8 +106,7 @@ class MMDetCascadeRoIHeads(CascadeRoIHeads):
                 prob = p if prob is None else prob + p
             return (prob / self.num_stages)[:, None]
 
-        chunk = mask_chunk_for(features[self.mask_roi_pool.featmap_names[0]].device, self.mask_chunk)
-        return probabilities_in_chunks(boxes, labels, chunk, probabilities)
+        return probabilities_in_chunks(boxes, labels, self.mask_chunk, probabilities)
 
     def _training_forward(self, features, proposals, image_shapes, targets):
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
