@@ -255,6 +255,20 @@ def _fpn_mask_branch(config: ModelConfig) -> tuple[RoIPooler, nn.Module, nn.Modu
     return _pooler(config, 14), head, _mask_predictor(256, config.num_classes + 1)
 
 
+def cascade_settings(config: ModelConfig) -> dict:
+    """The keyword arguments of a cascade's RoI heads that come straight from ``config`` (stages,
+    sampling, test thresholds): the same for detectron2's and MMDetection's cascade."""
+    return dict(
+        stage_iou_thresholds=config.cascade_iou_thresholds,
+        stage_bbox_reg_weights=config.cascade_bbox_reg_weights,
+        batch_size_per_image=config.roi_batch_size_per_image,
+        positive_fraction=config.roi_positive_fraction,
+        score_thresh=config.score_thresh_test,
+        nms_thresh=config.nms_thresh_test,
+        detections_per_img=config.detections_per_img,
+    )
+
+
 # -- builders ---------------------------------------------------------------------------------------
 def build_fpn_model(config: ModelConfig) -> CellMaskRCNN:
     """Mask R-CNN with FPN (R-50, R-101, X-101 32x8d)."""
@@ -317,13 +331,7 @@ def build_cascade_model(config: ModelConfig) -> CellMaskRCNN:
         mask_pool,
         mask_head,
         mask_predictor,
-        stage_iou_thresholds=config.cascade_iou_thresholds,
-        stage_bbox_reg_weights=config.cascade_bbox_reg_weights,
-        batch_size_per_image=config.roi_batch_size_per_image,
-        positive_fraction=config.roi_positive_fraction,
-        score_thresh=config.score_thresh_test,
-        nms_thresh=config.nms_thresh_test,
-        detections_per_img=config.detections_per_img,
+        **cascade_settings(config),
     )
     return CellMaskRCNN(backbone, _rpn(config, 256), roi_heads, _transform(config), config)
 

@@ -164,7 +164,8 @@ class MMDetCascadeRoIHeads(CascadeRoIHeads):
 def build_mmdet_cascade_model(config):
     """MMDetection-style Cascade Mask R-CNN with FPN (R-50, R-101, X-101 32x8d) of a ``ModelConfig``:
     ``len(config.cascade_iou_thresholds)`` stages with ``config.cascade_bbox_reg_weights``."""
-    from .architectures import CellMaskRCNN, _fpn_box_head, _fpn_mask_branch, _pooler, _rpn, _transform
+    from .architectures import (CellMaskRCNN, _fpn_box_head, _fpn_mask_branch, _pooler, _rpn, _transform,
+                                cascade_settings)
     from .backbones import build_fpn_backbone
 
     backbone = build_fpn_backbone(config)
@@ -184,12 +185,6 @@ def build_mmdet_cascade_model(config):
         mask_pool,
         mask_heads,
         mask_predictors,
-        stage_iou_thresholds=config.cascade_iou_thresholds,
-        stage_bbox_reg_weights=config.cascade_bbox_reg_weights,
-        batch_size_per_image=config.roi_batch_size_per_image,
-        positive_fraction=config.roi_positive_fraction,
-        score_thresh=config.score_thresh_test,
-        nms_thresh=config.nms_thresh_test,
-        detections_per_img=config.detections_per_img,
+        **cascade_settings(config),
     )
     return CellMaskRCNN(backbone, _rpn(config, 256), roi_heads, _transform(config), config)
