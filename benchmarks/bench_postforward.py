@@ -180,13 +180,18 @@ def ensemble_figures(image, engines, repeats: int, profile: bool) -> None:
     t_post, res = best_time(lambda: postprocess(fused, settings), repeats)
     print(f"post-processing of {len(fused)} fused instances: {t_post * 1000:.0f} ms -> {len(res)} cells", flush=True)
     if profile:
-        pr = cProfile.Profile()
-        pr.enable()
-        run()
-        pr.disable()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(25)
-        print(s.getvalue())
+        print_profile(run, "cumulative", 25)
+
+
+def print_profile(fn, sort: str, rows: int) -> None:
+    """cProfile listing of one call of ``fn``: the top ``rows`` functions by ``sort``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats(sort).print_stats(rows)
+    print(out.getvalue())
 
 
 def folder_figures(images, engine, repeats: int, profile: bool, post_workers: int) -> None:
@@ -228,13 +233,7 @@ def folder_figures(images, engine, repeats: int, profile: bool, post_workers: in
             print(f"segment_folder, the same with {post_workers} post-processing workers: "
                   f"{wall / len(paths) * 1000:.0f} ms wall per image", flush=True)
         if profile:
-            pr = cProfile.Profile()
-            pr.enable()
-            run()
-            pr.disable()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(20)
-            print(s.getvalue())
+            print_profile(run, "tottime", 20)
 
 
 def main(argv=None) -> None:
