@@ -78,9 +78,9 @@ def cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, allows_overflow):
     above ``iou_thr`` (ties: the earliest cluster), else open a cluster; a cluster's box is the
     key-weighted mean of its members' boxes. Returns ``(assign, fused boxes, scores, reps)``.
 
-    Inherently sequential (a cluster's box moves as members join), so it is a plain Python loop over
-    the inputs, but each input is compared only with the clusters registered in the grid buckets its
-    box touches: a cluster is registered in every bucket of the hull of its members' boxes, and its box,
+    Inherently sequential (a cluster's box moves as members join), so it is a loop over the inputs
+    (compiled by numba where available, :mod:`.wbf_kernel`; else in Python), but each input is compared
+    only with the clusters registered in the grid buckets its box touches: a cluster is registered in every bucket of the hull of its members' boxes, and its box,
     a weighted mean of those boxes, never leaves that hull; a cluster outside the buckets has IoU 0
     and cannot be chosen. IoUs and updates are the same float64 operations, in the same order, as a
     vectorised IoU against every cluster (``_cluster_wbf_dense``, kept for ``iou_thr < 0``, where a
@@ -163,26 +163,52 @@ def _cluster_wbf_dense(b, key, iou_thr):
 _PAD = 1e-6
 
 
-def _cluster_wbf_grid(b, key, iou_thr):
-    """:func:`_cluster_wbf_dense`'s result, comparing each input only with the clusters of the grid
-    buckets its box touches (see :func:`cluster_wbf`); ``iou_thr >= 0``."""
-    n = len(b)
-    rows = b.tolist()
-    keys = key.tolist()
+def _grid(b):
+    """The bucket grid of :func:`_cluster_wbf_grid`: ``(query, reg, areas, nx, ny)``; per input (rows of
+    ``b``), the buckets its box touches (``query``, inclusive ranges ``[ix0, iy0, ix1, iy1]``) and, padded
+    by a hair in case a rounded mean lands a hair outside the hull, those it registers a cluster in
+    (``reg``), both int64 ``(n, 4)``; ``areas`` float64 ``(n,)``; ``nx`` x ``ny`` buckets of ~2 median box
+    sides (at least 8 px)."""
     side = float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
     cell = max(2.0 * side, 8.0)
     gx_min, gy_min = float(b[:, 0].min()), float(b[:, 1].min())
     nx = int((float(b[:, 2].max()) - gx_min) / cell) + 1
     ny = int((float(b[:, 3].max()) - gy_min) / cell) + 1
-    buckets: list[list[int]] = [[] for _ in range(nx * ny)]
-    # per input, the buckets its box touches (query) and, padded by a hair in case a rounded mean lands
-    # a hair outside the hull, those it registers a cluster in; computed once, outside the loop
     u = (b - np.array([gx_min, gy_min, gx_min, gy_min])) / cell
-    query = u.astype(np.int64).tolist()
+    query = u.astype(np.int64)
     pad = u + np.array([-_PAD, -_PAD, _PAD, _PAD])
     reg = np.stack([np.maximum(pad[:, 0], 0), np.maximum(pad[:, 1], 0),
-                    np.minimum(pad[:, 2], nx - 1), np.minimum(pad[:, 3], ny - 1)], axis=1).astype(np.int64).tolist()
-    areas = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
+                    np.minimum(pad[:, 2], nx - 1), np.minimum(pad[:, 3], ny - 1)], axis=1).astype(np.int64)
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return query, reg, areas, nx, ny
+
+
+def _compiled_wbf_loop():
+    """numba's compiled loop (:mod:`.wbf_kernel`), or None where numba cannot be imported."""
+    try:
+        from .wbf_kernel import wbf_grid_loop
+    except Exception:  # noqa: BLE001 - numba missing or broken (e.g. built for another numpy): Python loop
+        return None
+    return wbf_grid_loop
+
+
+def _cluster_wbf_grid(b, key, iou_thr, compiled: bool = True):
+    """:func:`_cluster_wbf_dense`'s result, comparing each input only with the clusters of the grid
+    buckets its box touches (see :func:`cluster_wbf`); ``iou_thr >= 0``. ``compiled``: run numba's
+    compiled loop (:mod:`.wbf_kernel`; identical results) where numba is available, else this module's
+    Python loop."""
+    query, reg, areas, nx, ny = _grid(b)
+    loop = _compiled_wbf_loop() if compiled else None
+    if loop is not None:
+        b = np.ascontiguousarray(b, np.float64)
+        return loop(b, np.ascontiguousarray(key, np.float64), areas, query, reg, nx, ny, float(iou_thr))
+    return _wbf_grid_python(b.tolist(), key.tolist(), areas.tolist(), query.tolist(), reg.tolist(), nx, ny, iou_thr)
+
+
+def _wbf_grid_python(rows, keys, areas, query, reg, nx, ny, iou_thr):
+    """The loop of :func:`_cluster_wbf_grid` in Python, on lists (the rows of :func:`_grid`'s arrays)."""
+    n = len(rows)
+    buckets: list[list[int]] = [[] for _ in range(nx * ny)]
     fx0: list[float] = []
     fy0: list[float] = []
     fx1: list[float] = []
