@@ -11,8 +11,8 @@ Prints, per image (best of ``--repeats``):
 
 * ``segment_image`` with ``--models`` engines x 4 flips (12 sources, 12,000 candidates): total, and
   inside it TTA de-augmentation, fusion (uncertainty included) and the rest;
-* fusion alone, with and without the uncertainty, for WBF and NMS on the same 12 sources, and WBF with its
-  clustering loop in Python (as where numba is missing) instead of numba's compiled loop;
+* fusion alone, with and without the uncertainty, for WBF, NMS and mask NMS on the same 12 sources, and
+  WBF and mask NMS with their loops in Python (as where numba is missing) instead of numba's compiled loops;
 * post-processing of the fused result;
 * ``segment_folder`` (the ``segment`` command's engine) on a folder of ``--images`` PNGs with one engine
   without TTA: time per image (label images, RLE, JSON lines, merge, summary.csv), with the
@@ -127,20 +127,22 @@ def best_time(fn, repeats: int):
     return min(times), result
 
 
-def python_wbf_time(sources, repeats: int) -> float | None:
-    """Best CPU seconds of WBF fusion (with uncertainty) with the clustering loop in Python, as where numba
-    is missing; None where numba is missing (the figures above are then already the Python loop's)."""
+def python_loop_time(sources, method: str, repeats: int) -> float | None:
+    """Best CPU seconds of ``method``'s fusion (with uncertainty) with its sequential loop in Python, as
+    where numba is missing; None for a method without a compiled loop, or where numba is missing (the
+    figures printed before are then already the Python loop's)."""
     import napari_sartorius.inference.fusion_methods as fm
     from napari_sartorius.inference.ensemble import fuse_instances
 
-    if fm._compiled_wbf_loop() is None:
+    name = {"wbf": "wbf_grid_loop", "mask_nms": "mask_nms_loop"}.get(method)
+    if name is None or fm._compiled(name) is None:
         return None
-    real = fm._compiled_wbf_loop
-    fm._compiled_wbf_loop = lambda: None
+    real = fm._compiled
+    fm._compiled = lambda name: None
     try:
-        return best_time(lambda: fuse_instances(sources, method="wbf"), repeats)[0]
+        return best_time(lambda: fuse_instances(sources, method=method), repeats)[0]
     finally:
-        fm._compiled_wbf_loop = real
+        fm._compiled = real
 
 
 def ensemble_figures(image, engines, repeats: int, profile: bool) -> None:
@@ -188,15 +190,15 @@ def ensemble_figures(image, engines, repeats: int, profile: bool) -> None:
     for e in engines[1:]:
         sources += tta.run_tta(e, image, "flips")
     n = sum(len(s) for s in sources)
-    for method in ("wbf", "nms"):
+    for method in ("wbf", "nms", "mask_nms"):
         off, _ = best_time(lambda: fuse_instances(sources, method=method, uncertainty=False), repeats)
         on, _ = best_time(lambda: fuse_instances(sources, method=method, uncertainty=True), repeats)
         print(f"fusion {method} of {len(sources)} sources, {n} candidates: {off * 1000:.0f} ms, with uncertainty "
               f"{on * 1000:.0f} ms (uncertainty {100 * (on - off) / off:.0f} % of fusion)", flush=True)
-    python_loop = python_wbf_time(sources, repeats)
-    if python_loop is not None:
-        print(f"fusion wbf with uncertainty, WBF's clustering loop in Python instead of numba's compiled loop: "
-              f"{python_loop * 1000:.0f} ms", flush=True)
+        python_loop = python_loop_time(sources, method, repeats)
+        if python_loop is not None:
+            print(f"  the same with uncertainty, its loop in Python instead of numba's compiled loop: "
+                  f"{python_loop * 1000:.0f} ms", flush=True)
     settings = PostprocessSettings(class_names=engines[0].class_names)
     t_post, res = best_time(lambda: postprocess(fused, settings), repeats)
     print(f"post-processing of {len(fused)} fused instances: {t_post * 1000:.0f} ms -> {len(res)} cells", flush=True)

@@ -35,7 +35,8 @@ CHUNK_PIXELS = 1 << 18
 
 @dataclass
 class CropTable:
-    """N crops flattened: ``flat`` float32 ``(P,)`` row-major pixels of every crop, one after the other;
+    """N crops flattened: ``flat`` float32 ``(P,)`` (bool for binarised crops) row-major pixels of every
+    crop, one after the other;
     ``starts`` int64 ``(N,)`` offset of each crop in ``flat``; ``hs``, ``ws`` int64 ``(N,)`` crop shape;
     ``oy``, ``ox`` int64 ``(N,)`` crop origin ``(y0, x0)`` in image pixels."""
 

@@ -54,7 +54,7 @@ the uncertainty and orders the result.
 
 Cost: candidate pairs come from one sort-and-sweep over x per class (no all-pairs matrix); NMS, NMW and
 Soft-NMS then work on those sparse pairs; WBF's clustering is inherently sequential (the cluster boxes
-move as members join): a loop over the inputs, compiled by numba (:mod:`.wbf_kernel`, Python where
+move as members join): a loop over the inputs, compiled by numba (:mod:`.fusion_kernels`, Python where
 numba is missing), that compares each only with the clusters of the grid buckets its box touches
 (:func:`~.fusion_methods.cluster_wbf`). The members' masks of all clusters
 are averaged at once (:func:`~.crop_table.average_groups`: one ``np.repeat`` maps every member pixel
@@ -80,7 +80,7 @@ from .fusion_methods import (
     cluster_wbf,
     support_of_kept,
 )
-from .crop_table import average_groups
+from .crop_table import CropTable, average_groups
 from .pairs import box_iou_pairs, mask_iou
 from .uncertainty import ClusterAgreement
 
@@ -175,18 +175,21 @@ def _fuse_soft_nms(c: _Candidates, r: np.ndarray, o: dict):
 
 
 def _fuse_mask_nms(c: _Candidates, r: np.ndarray, o: dict):
-    binaries, areas, windows = o["_mask_nms_crops"]
-    assign, reps = cluster_mask_nms(r, binaries, areas, c.origins_arr, windows[r], c.key[r], o["iou_thr"])
+    binary, areas, windows = o["_mask_nms_crops"]
+    assign, reps = cluster_mask_nms(r, binary, areas, windows[r], c.key[r], o["iou_thr"])
     return assign, c.boxes[r][reps], c.key[r][reps], reps, assign
 
 
 def _mask_nms_crops(c: _Candidates, mask_threshold: float):
-    binaries = [m >= mask_threshold for m in c.masks]
-    areas = [int(np.count_nonzero(m)) for m in binaries]
-    windows = np.array(
-        [(ox, oy, ox + m.shape[1], oy + m.shape[0]) for m, (oy, ox) in zip(c.masks, c.origins)], np.float64
-    ).reshape(-1, 4)
-    return binaries, areas, windows
+    """Every candidate's crop binarised at ``mask_threshold``: ``(table, areas, windows)``, a
+    :class:`~.crop_table.CropTable` with a bool ``flat``, int64 ``(M,)`` pixels set per crop, float64
+    ``(M, 4)`` crop windows as xyxy boxes."""
+    table = CropTable.from_crops(c.masks, c.origins_arr)
+    table.flat = table.flat >= np.float32(mask_threshold)
+    ends = np.concatenate([[0], np.cumsum(table.flat, dtype=np.int64)])
+    areas = ends[table.starts + table.sizes] - ends[table.starts]
+    windows = np.stack([table.ox, table.oy, table.ox + table.ws, table.oy + table.hs], 1).astype(np.float64)
+    return table, areas, windows
 
 
 _FUSERS: dict[str, Callable] = {

@@ -1,18 +1,22 @@
-"""WBF's sequential clustering loop compiled with numba (a dependency of ``ensemble-boxes``, so present
-wherever this package is installed), with the pure-Python loop of
-:func:`~napari_sartorius.inference.fusion_methods._cluster_wbf_grid` as the fallback.
+"""Fusion's sequential loops compiled with numba (a dependency of ``ensemble-boxes``, so present wherever
+this package is installed); :mod:`.fusion_methods` keeps the same loops in Python as the fallback.
+
+- :func:`wbf_grid_loop`: WBF's clustering (the Python loop is
+  :func:`~napari_sartorius.inference.fusion_methods._wbf_grid_python`);
+- :func:`mask_nms_loop`: greedy NMS on the IoU of binarised mask crops (the Python loop is
+  :func:`~napari_sartorius.inference.fusion_methods._mask_nms_python`).
 
 Why: on a GPU the network no longer dominates an ensemble run; with 3 models x 4 flips x 1000
-detections the Python loop over 12,000 candidates took ~30 % of the time on an H200 (README,
-throughput table), ~11 us per candidate. The compiled loop makes the same float64 operations in
-the same order and breaks ties the same way (highest IoU, then the earliest cluster), so its
-results are identical to the Python loop's (tests compare them, ties and identical boxes included).
-It runs without the GIL, so a thread can fuse one image while another drives the GPU.
+detections, WBF's Python loop over 12,000 candidates took ~30 % of the time on an H200 (README,
+throughput table; ~11 us per candidate), and mask NMS's pairwise crop IoUs in Python ~1.4 s per image.
+The compiled loops make the same float64 operations in the same order and break ties the same way, so
+their results are identical to the Python loops' (tests compare them, ties and identical boxes included).
+They run without the GIL, so a thread can fuse one image while another drives the GPU.
 
-numba is imported on first use (importing it costs ~0.5 s) and the compiled function is cached on disk
-(``cache=True``: next to this module, or numba's user-wide cache where that is not writable), so the
-compilation (~1-2 s) is paid once per installation. This module imports numba at its top: callers
-import it lazily and fall back to the Python loop when that import fails (an unsupported numpy, say).
+The functions are compiled on first call and cached on disk (``cache=True``: next to this module, or
+numba's user-wide cache where that is not writable), so the compilation (a few seconds) is paid once per
+installation. This module imports numba at its top (~0.5 s): callers import it lazily and fall back to
+the Python loops when that import fails (an unsupported numpy, say).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["wbf_grid_loop"]
+__all__ = ["wbf_grid_loop", "mask_nms_loop"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,3 +152,46 @@ def wbf_grid_loop(b, key, areas, query, reg, nx, ny, iou_thr):
     fused[:, 2] = fx1[:k]
     fused[:, 3] = fy1[:k]
     return assign, fused, conf[:k].copy(), reps[:k].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def mask_nms_loop(idx, flat, starts, hs, ws, oy, ox, areas, indptr, nbrs, iou_thr):
+    """Greedy NMS on mask IoU over inputs ``0 .. n-1`` in visiting order.
+
+    ``idx`` (n,) maps a visiting position to a crop of the table ``flat`` (bool, the binarised crops
+    row-major one after the other), ``starts``, ``hs``, ``ws``, ``oy``, ``ox``, ``areas`` (int64, per crop:
+    offset in ``flat``, shape, origin in image pixels, pixels set); ``indptr`` / ``nbrs`` the candidate
+    pairs (CSR over visiting positions: the pairs whose crop windows overlap). An input not yet suppressed
+    suppresses every later neighbour whose mask IoU with it is above ``iou_thr``.
+
+    Returns ``(suppressed (n,) bool, owner (n,) int64)``: ``owner[m]`` the input that suppressed ``m``
+    (or ``m`` itself)."""
+    n = idx.shape[0]
+    suppressed = np.zeros(n, np.bool_)
+    owner = np.arange(n)
+    for k in range(n):
+        if suppressed[k]:
+            continue
+        a = idx[k]
+        for e in range(indptr[k], indptr[k + 1]):
+            m = nbrs[e]
+            if m <= k or suppressed[m]:
+                continue
+            c = idx[m]
+            y0 = max(oy[a], oy[c])
+            x0 = max(ox[a], ox[c])
+            y1 = min(oy[a] + hs[a], oy[c] + hs[c])
+            x1 = min(ox[a] + ws[a], ox[c] + ws[c])
+            inter = 0
+            for y in range(y0, y1):
+                ra = starts[a] + (y - oy[a]) * ws[a] - ox[a]
+                rc = starts[c] + (y - oy[c]) * ws[c] - ox[c]
+                for x in range(x0, x1):
+                    if flat[ra + x] and flat[rc + x]:
+                        inter += 1
+            union = areas[a] + areas[c] - inter
+            iou = inter / union if union > 0 else 0.0
+            if iou > iou_thr:
+                suppressed[m] = True
+                owner[m] = k
+    return suppressed, owner

@@ -1,4 +1,4 @@
-"""WBF's compiled clustering loop (inference/wbf_kernel.py) against the Python loop it replaces, and
+"""WBF's compiled clustering loop (inference/fusion_kernels.py) against the Python loop it replaces, and
 fusion without numba."""
 
 import sys
@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
+from napari_sartorius.inference.crop_table import CropTable
 from napari_sartorius.inference.ensemble import fuse_instances
-from napari_sartorius.inference.fusion_methods import _cluster_wbf_grid, _grid
+from napari_sartorius.inference.fusion_methods import _cluster_wbf_grid, _grid, cluster_mask_nms
 from napari_sartorius.instances import Instances
 
 pytest.importorskip("numba")
@@ -91,14 +92,56 @@ def sources(seed=0, n_sources=4, n=80, size=(120, 160)):
     return out
 
 
-def test_fusion_without_numba_gives_the_same_instances(monkeypatch):
-    """Where numba cannot be imported, WBF falls back to the Python loop: same fused instances."""
+def binary_table(rng, n, size=(80, 100), max_side=14):
+    """n random binarised crops (some empty, some full, many overlapping; the last 30 copies of the first
+    30) as a bool CropTable, with their areas and windows (xyxy)."""
+    masks, origins = [], []
+    for k in range(n - 30):
+        h, w = rng.integers(1, max_side, 2)
+        fill = (0.0, 1.0, rng.uniform(0.2, 0.9))[k % 3]
+        masks.append((rng.random((h, w)) < fill).astype(np.float32))
+        origins.append((int(rng.integers(0, size[0] - h + 1)), int(rng.integers(0, size[1] - w + 1))))
+    masks += [m.copy() for m in masks[:30]]
+    origins += origins[:30]
+    t = CropTable.from_crops(masks, origins)
+    t.flat = t.flat >= np.float32(0.5)
+    areas = np.array([int(t.crop(i).sum()) for i in range(n)], np.int64)
+    windows = np.stack([t.ox, t.oy, t.ox + t.ws, t.oy + t.hs], 1).astype(np.float64)
+    return t, areas, windows
+
+
+@pytest.mark.parametrize("iou_thr", [0.0, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_mask_nms_equals_the_python_loop(iou_thr, seed):
+    rng = np.random.default_rng(seed)
+    table, areas, windows = binary_table(rng, 300)
+    idx = np.concatenate([rng.permutation(270)[:220], np.arange(270, 300)])  # a subset (one class's), copies last
+    key = np.sort(rng.random(250))[::-1]
+    got = cluster_mask_nms(idx, table, areas, windows[idx], key, iou_thr, compiled=True)
+    want = cluster_mask_nms(idx, table, areas, windows[idx], key, iou_thr, compiled=False)
+    assert 0 < len(want[1]) < 250
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_mask_nms_keeps_a_disjoint_crop_and_suppresses_a_copy():
+    masks = [np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)]
+    t = CropTable.from_crops(masks, [(0, 0), (0, 0), (10, 10)])
+    t.flat = t.flat >= np.float32(0.5)
+    windows = np.stack([t.ox, t.oy, t.ox + t.ws, t.oy + t.hs], 1).astype(np.float64)
+    assign, kept = cluster_mask_nms(np.arange(3), t, np.full(3, 16), windows, np.array([0.9, 0.8, 0.7]), 0.5)
+    assert kept.tolist() == [0, 2] and assign.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("method", ["wbf", "mask_nms"])
+def test_fusion_without_numba_gives_the_same_instances(method, monkeypatch):
+    """Where numba cannot be imported, fusion falls back to the Python loops: the same fused instances."""
     srcs = sources()
-    with_numba = fuse_instances(srcs, method="wbf")
+    with_numba = fuse_instances(srcs, method=method)
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
-    monkeypatch.delitem(sys.modules, "napari_sartorius.inference.wbf_kernel", raising=False)
-    without = fuse_instances(srcs, method="wbf")
-    assert "napari_sartorius.inference.wbf_kernel" not in sys.modules
+    monkeypatch.delitem(sys.modules, "napari_sartorius.inference.fusion_kernels", raising=False)
+    without = fuse_instances(srcs, method=method)
+    assert "napari_sartorius.inference.fusion_kernels" not in sys.modules
     assert len(with_numba) == len(without) > 0
     np.testing.assert_array_equal(with_numba.boxes, without.boxes)
     np.testing.assert_array_equal(with_numba.scores, without.scores)
