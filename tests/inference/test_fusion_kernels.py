@@ -136,8 +136,9 @@ def test_mask_nms_keeps_a_disjoint_crop_and_suppresses_a_copy():
 @pytest.mark.parametrize("method", ["wbf", "mask_nms"])
 def test_fusion_without_numba_gives_the_same_instances(method, monkeypatch):
     """Where numba cannot be imported, fusion falls back to the Python loops: the same fused instances."""
-    srcs = sources()
+    srcs = sources(n=600)  # 2400 candidates: enough for the compiled loops (COMPILE_FROM)
     with_numba = fuse_instances(srcs, method=method)
+    assert "napari_sartorius.inference.fusion_kernels" in sys.modules
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
     monkeypatch.delitem(sys.modules, "napari_sartorius.inference.fusion_kernels", raising=False)
     without = fuse_instances(srcs, method=method)
@@ -149,3 +150,14 @@ def test_fusion_without_numba_gives_the_same_instances(method, monkeypatch):
         np.testing.assert_array_equal(a, b)
     for name in with_numba.columns:
         np.testing.assert_array_equal(with_numba.columns[name], without.columns[name])
+
+
+def test_small_fusions_do_not_load_numba(monkeypatch):
+    """numba's import costs ~0.5 s per process: a fusion of fewer than COMPILE_FROM candidates per class
+    runs the Python loops unless the compiled ones are already loaded; a large one loads them."""
+    monkeypatch.delitem(sys.modules, "napari_sartorius.inference.fusion_kernels", raising=False)
+    small = fuse_instances(sources(n=100), method="wbf")  # 400 candidates
+    assert len(small) > 0
+    assert "napari_sartorius.inference.fusion_kernels" not in sys.modules
+    fuse_instances(sources(n=600), method="wbf")
+    assert "napari_sartorius.inference.fusion_kernels" in sys.modules

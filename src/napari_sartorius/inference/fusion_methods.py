@@ -8,6 +8,9 @@ member. Boxes are xyxy float64 ``(n, 4)`` in pixels.
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 
 from .crop_table import CropTable
@@ -184,22 +187,34 @@ def _grid(b):
     return query, reg, areas, nx, ny
 
 
-def _compiled(name: str):
-    """The compiled loop ``name`` of :mod:`.fusion_kernels`, or None where numba cannot be imported."""
+#: Inputs (of one class) from which a fusion loop is worth loading numba in a process that has not yet
+#: (~0.5 s to import numba and load the cached loops; a few seconds for the first compilation after an
+#: installation): below, the Python loops take ~20 ms or less.
+COMPILE_FROM = 2000
+
+
+def _compiled(name: str, n: int, compiled: bool | None):
+    """The compiled loop ``name`` of :mod:`.fusion_kernels` for a loop over ``n`` inputs, or None for the
+    Python loop: ``compiled`` False: None; True: the compiled loop where numba can be imported; None
+    (automatic): the same, when the loops are already loaded or ``n >= COMPILE_FROM``."""
+    if compiled is False:
+        return None
+    if compiled is None and n < COMPILE_FROM and f"{__package__}.fusion_kernels" not in sys.modules:
+        return None
     try:
-        from . import fusion_kernels
+        kernels = importlib.import_module(f"{__package__}.fusion_kernels")
     except Exception:  # noqa: BLE001 - numba missing or broken (e.g. built for another numpy): Python loops
         return None
-    return getattr(fusion_kernels, name)
+    return getattr(kernels, name)
 
 
-def _cluster_wbf_grid(b, key, iou_thr, compiled: bool = True):
+def _cluster_wbf_grid(b, key, iou_thr, compiled: bool | None = None):
     """:func:`_cluster_wbf_dense`'s result, comparing each input only with the clusters of the grid
     buckets its box touches (see :func:`cluster_wbf`); ``iou_thr >= 0``. ``compiled``: run numba's
-    compiled loop (:mod:`.fusion_kernels`; identical results) where numba is available, else this module's
-    Python loop."""
+    compiled loop (:mod:`.fusion_kernels`; identical results) or this module's Python loop, as
+    :func:`_compiled` decides."""
     query, reg, areas, nx, ny = _grid(b)
-    loop = _compiled("wbf_grid_loop") if compiled else None
+    loop = _compiled("wbf_grid_loop", len(b), compiled)
     if loop is not None:
         b = np.ascontiguousarray(b, np.float64)
         return loop(b, np.ascontiguousarray(key, np.float64), areas, query, reg, nx, ny, float(iou_thr))
@@ -318,16 +333,16 @@ def cluster_soft_nms(b, key, iou_thr, sigma, thresh, linear):
     return assign, b[kept], final[kept], kept
 
 
-def cluster_mask_nms(idx, binary: CropTable, areas, b_windows, key, iou_thr, compiled: bool = True):
+def cluster_mask_nms(idx, binary: CropTable, areas, b_windows, key, iou_thr, compiled: bool | None = None):
     """Greedy NMS on mask IoU; ``idx`` maps visiting position -> crop of ``binary`` (the binarised crops
     of all candidates: :class:`~.crop_table.CropTable` with a bool ``flat``), ``areas`` int64 their pixels
     set, ``b_windows`` the visited crops' windows as xyxy boxes (pairs whose windows overlap are compared).
-    ``compiled``: numba's loop (:func:`~.fusion_kernels.mask_nms_loop`, identical results) where numba is
-    available, else the Python loop. Returns ``(assign, kept)``."""
+    ``compiled``: numba's loop (:func:`~.fusion_kernels.mask_nms_loop`, identical results) or the Python
+    loop, as :func:`_compiled` decides. Returns ``(assign, kept)``."""
     n = len(idx)
     i, j, v = box_iou_pairs(b_windows, 0.0)
     indptr, nbrs, _ = csr(n, i, j, v)
-    loop = _compiled("mask_nms_loop") if compiled else None
+    loop = _compiled("mask_nms_loop", n, compiled)
     if loop is not None:
         t = binary
         suppressed, owner = loop(np.asarray(idx, np.int64), t.flat, t.starts, t.hs, t.ws, t.oy, t.ox,
