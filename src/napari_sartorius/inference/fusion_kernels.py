@@ -36,6 +36,19 @@ def _grown(a, cap):
 
 
 @numba.njit(cache=True, nogil=True)
+def _register(head, nxt, who, used, bucket, c):
+    """Cluster ``c`` added to the front of ``bucket``'s list (entry ``used``; the entry arrays double
+    when full). Returns ``(nxt, who, used + 1)``."""
+    if used == nxt.shape[0]:
+        nxt = _grown(nxt, 2 * used)
+        who = _grown(who, 2 * used)
+    who[used] = c
+    nxt[used] = head[bucket]
+    head[bucket] = used
+    return nxt, who, used + 1
+
+
+@numba.njit(cache=True, nogil=True)
 def wbf_grid_loop(b, key, areas, query, reg, nx, ny, iou_thr):
     """The clustering loop on arrays: ``b`` (n, 4) float64 boxes in visiting order, ``key`` (n,) and
     ``areas`` (n,) float64, ``query`` / ``reg`` (n, 4) int64 bucket ranges (inclusive) each box looks
@@ -116,15 +129,7 @@ def wbf_grid_loop(b, key, areas, query, reg, nx, ny, iou_thr):
                 for ix in range(n0, n2 + 1):
                     for iy in range(n1, n3 + 1):
                         if not (h0 <= ix <= h2 and h1 <= iy <= h3):
-                            if used == cap:
-                                cap *= 2
-                                nxt = _grown(nxt, cap)
-                                who = _grown(who, cap)
-                            bucket = ix * ny + iy
-                            who[used] = c
-                            nxt[used] = head[bucket]
-                            head[bucket] = used
-                            used += 1
+                            nxt, who, used = _register(head, nxt, who, used, ix * ny + iy, c)
                 hull[c, 0], hull[c, 1], hull[c, 2], hull[c, 3] = n0, n1, n2, n3
             continue
         c = k
@@ -135,15 +140,7 @@ def wbf_grid_loop(b, key, areas, query, reg, nx, ny, iou_thr):
             hull[c, j] = reg[t, j]
         for ix in range(reg[t, 0], reg[t, 2] + 1):
             for iy in range(reg[t, 1], reg[t, 3] + 1):
-                if used == cap:
-                    cap *= 2
-                    nxt = _grown(nxt, cap)
-                    who = _grown(who, cap)
-                bucket = ix * ny + iy
-                who[used] = c
-                nxt[used] = head[bucket]
-                head[bucket] = used
-                used += 1
+                nxt, who, used = _register(head, nxt, who, used, ix * ny + iy, c)
         reps[c] = t
         k += 1
     fused = np.empty((k, 4))
