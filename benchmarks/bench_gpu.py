@@ -7,7 +7,9 @@ Prints one table:
 * images/s of ``--models`` models x 4 flips (one TTA batch per model, fused with WBF);
 * images/s of the ``segment`` command end to end on a folder of ``--images`` PNGs (one checkpoint, no
   TTA: decoding, network, pasting, post-processing, label images and ``predictions.json``; ``--workers``
-  processes decode ahead of the model and as many post-process behind it);
+  processes decode ahead of the model and as many post-process behind it), and its steady state (the
+  same on twice the images, minus the first run: what a long folder run reaches once the fixed cost of
+  loading the model and starting the workers is paid; that cost is printed too);
 * the share of the 3 x 4 run's time in the network forward, mask pasting, fusion and post-processing;
 * peak GPU memory (CUDA) or peak resident memory (CPU).
 
@@ -136,29 +138,38 @@ def ensemble_run(engines, images, timers: Timers) -> float:
     return len(images) / timers.seconds["total"]
 
 
-def cli_run(engine, images, device: str, batch: int, workers: int) -> float:
-    """images/s of ``napari-sartorius segment`` on a folder of the images (one checkpoint, no TTA)."""
+def cli_run(engine, images, device: str, batch: int, workers: int) -> tuple[float, float, float]:
+    """``napari-sartorius segment`` on a folder of the images (one checkpoint, no TTA), then on a folder of
+    twice as many (the images repeated). Returns ``(images/s of the first run, steady-state images/s,
+    fixed seconds)``: the steady state is the second run's extra images over its extra time, so what
+    every run pays once (loading the checkpoint, starting the worker processes, CUDA warm-up, the merge)
+    is left out of it and reported as the fixed seconds."""
     from skimage.io import imsave
 
     from napari_sartorius.cli import main as cli_main
     from napari_sartorius.models.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for k, image in enumerate(images):
-            imsave(folder / f"img{k:04d}.png", image, check_contrast=False)
         ckpt = save_checkpoint(Path(tmp) / "model.pt", engine.model.cpu(), engine.config)
         engine.model.to(engine.device)
-        argv = ["segment", str(folder), "--out", str(Path(tmp) / "out"), "--model", str(ckpt),
-                "--device", device, "--batch", str(batch), "--workers", str(workers)]
-        t0 = time.perf_counter()
-        with open(Path(tmp) / "log.txt", "w") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            code = cli_main(argv)
-        seconds = time.perf_counter() - t0
-        if code != 0:
-            raise RuntimeError(f"segment exited with {code}: {(Path(tmp) / 'log.txt').read_text()[-500:]}")
-    return len(images) / seconds
+        seconds = []
+        for copies in (1, 2):
+            folder = Path(tmp) / f"images{copies}"
+            folder.mkdir()
+            for k, image in enumerate(images * copies):
+                imsave(folder / f"img{k:04d}.png", image, check_contrast=False)
+            argv = ["segment", str(folder), "--out", str(Path(tmp) / f"out{copies}"), "--model", str(ckpt),
+                    "--device", device, "--batch", str(batch), "--workers", str(workers)]
+            t0 = time.perf_counter()
+            with open(Path(tmp) / "log.txt", "w") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+                code = cli_main(argv)
+            seconds.append(time.perf_counter() - t0)
+            if code != 0:
+                raise RuntimeError(f"segment exited with {code}: {(Path(tmp) / 'log.txt').read_text()[-500:]}")
+    n = len(images)
+    extra = seconds[1] - seconds[0]
+    steady = n / extra if extra > 0 else float("inf")
+    return n / seconds[0], steady, max(seconds[0] - n / steady, 0.0)
 
 
 def fusion_loops() -> str:
@@ -229,9 +240,11 @@ def main(argv=None) -> None:
     total = shares.pop("total")
 
     # the checkpoint needs the network as built (a folded model has no BatchNorm tensors to save)
-    ips = cli_run(make_engine(args.device, size, 0, amp=False, detections=detections, fast=False), images,
-                  args.device, batch, workers)
-    rows.append((f"segment CLI on a folder of {n} PNGs (--workers {workers})", f"{ips:.2f} images/s"))
+    ips, steady, fixed = cli_run(make_engine(args.device, size, 0, amp=False, detections=detections, fast=False),
+                                 images, args.device, batch, workers)
+    rows.append((f"segment CLI on a folder of {n} PNGs (--workers {workers})",
+                 f"{ips:.2f} images/s; steady state {steady:.2f} images/s (a folder of {2 * n} minus one of {n}), "
+                 f"fixed cost {fixed:.1f} s per run"))
 
     parts = ["forward", "pasting", "fusion", "post-processing"]
     known = sum(shares.get(p, 0.0) for p in parts)
