@@ -16,7 +16,6 @@ from napari_sartorius.models.architectures import (
     load_backbone_weights,
     parameter_count,
 )
-from napari_sartorius.models.cascade import select_detections
 from napari_sartorius.models.config import ARCH_NAMES, ModelConfig
 from napari_sartorius.models.deform_conv import DeformConv3x3
 from napari_sartorius.models.pooler import RoIPooler
@@ -286,16 +285,6 @@ def test_deformable_conv_with_zero_offsets_is_a_plain_conv():
     x = torch.rand(1, 64, 9, 9)
     ref = torch.nn.functional.conv2d(x, conv.weight, stride=2, padding=1, groups=32)
     assert torch.allclose(conv(x), ref, atol=1e-5)
-
-
-def test_select_detections_thresholds_and_suppresses_per_class():
-    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]])[:, None, :].expand(-1, 2, 4)
-    scores = torch.tensor([[0.9, 0.01], [0.8, 0.7], [0.02, 0.6]])
-    b, s, lab = select_detections(boxes, scores, score_thresh=0.05, nms_thresh=0.5, detections_per_img=10)
-    # box 1 class 1 is suppressed by box 0; box 1 class 2 survives (other class)
-    assert s.tolist() == pytest.approx([0.9, 0.7, 0.6]) and lab.tolist() == [1, 2, 2]
-    b, s, lab = select_detections(boxes, scores, score_thresh=0.05, nms_thresh=0.5, detections_per_img=1)
-    assert len(s) == 1
 
 
 def test_imagenet_weights_load_into_body_and_res5(tmp_path):

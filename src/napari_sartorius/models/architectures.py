@@ -54,6 +54,7 @@ from .backbones import FPN_STRIDES, build_c4_backbone, build_fpn_backbone, norm_
 from .c4 import Res5RoIHeads
 from .cascade import CascadeBoxPredictor, CascadeRoIHeads
 from .config import ModelConfig
+from .detection_nms import FirstKeptDetections
 from .registry import REGISTRY, arch_builder, check_arch
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
@@ -129,11 +130,12 @@ class CellMaskRCNN(GeneralizedRCNN):
         return losses if self.training else detections
 
 
-class ChunkedMaskRoIHeads(RoIHeads):
+class ChunkedMaskRoIHeads(FirstKeptDetections, RoIHeads):
     """torchvision's RoIHeads whose test-time mask branch runs in chunks of detections
     (:mod:`.mask_branch`): same outputs, memory bounded for 1000 detections x a TTA batch; and whose
     mask loss crops each positive RoI's uint8 ground truth (:mod:`.mask_loss`) instead of converting
-    every full-image mask to float: same losses."""
+    every full-image mask to float: same losses; and whose detections come from NMS on a prefix of the
+    candidates when that suffices (:class:`~.detection_nms.FirstKeptDetections`): the same detections."""
 
     mask_chunk: int = DEFAULT_CHUNK
 

@@ -26,12 +26,13 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_inference,
 )
 
+from .detection_nms import FirstKeptDetections
 from .mask_loss import mask_rcnn_loss
 
 __all__ = ["Res5RoIHeads"]
 
 
-class Res5RoIHeads(RoIHeads):
+class Res5RoIHeads(FirstKeptDetections, RoIHeads):
     """RoI heads of a C4 Mask R-CNN.
 
     Args:

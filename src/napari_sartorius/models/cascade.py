@@ -29,11 +29,12 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
+from .detection_nms import select_detections
 from .mask_branch import DEFAULT_CHUNK, chunked_mask_probabilities
 from .mask_loss import mask_rcnn_loss
 from .pooler import pooling_features
 
-__all__ = ["CascadeRoIHeads", "CascadeBoxPredictor", "select_detections"]
+__all__ = ["CascadeRoIHeads", "CascadeBoxPredictor"]
 
 
 class CascadeBoxPredictor(nn.Module):
@@ -63,29 +64,6 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad * ctx.scale, None
-
-
-def select_detections(
-    boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thresh: float, detections_per_img: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class thresholding, NMS and top-k of one image.
-
-    Args:
-        boxes: ``(R, K, 4)`` xyxy boxes per candidate and foreground class (clipped).
-        scores: ``(R, K)`` foreground class probabilities.
-
-    Returns:
-        boxes ``(N, 4)``, scores ``(N,)``, labels int64 ``(N,)`` in 1..K, best score first.
-    """
-    num_fg = scores.shape[1]
-    labels = torch.arange(1, num_fg + 1, device=scores.device).view(1, -1).expand_as(scores)
-    boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = torch.where(scores > score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-    return boxes[keep], scores[keep], labels[keep]
 
 
 class CascadeRoIHeads(RoIHeads):

@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
 from .anchor_matching import ChunkedMatchRPN
+from .detection_nms import first_kept
 
 __all__ = ["LogitRankedRPN"]
 
@@ -65,8 +66,8 @@ class LogitRankedRPN(ChunkedMatchRPN):
             ok = (ws >= self.min_size) & (hs >= self.min_size) & (torch.sigmoid(lg) >= self.score_thresh)
             keep = torch.where(ok)[0]
             boxes, lg, lvl = boxes[keep], lg[keep], lvl[keep]
-            keep = box_ops.batched_nms(boxes, lg, lvl, self.nms_thresh)  # ranked by logit, not sigmoid
-            keep = keep[: self.post_nms_top_n()]
+            # ranked by logit, not sigmoid; NMS on the best-ranked boxes when enough of them survive
+            keep = first_kept(boxes, lg, lvl, self.nms_thresh, self.post_nms_top_n())
             final_boxes.append(boxes[keep])
             final_scores.append(torch.sigmoid(lg[keep]))
         return final_boxes, final_scores
