@@ -15,7 +15,7 @@ nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name(0))"
 python3 -c "import numba, numpy; print('numba', numba.__version__, 'numpy', numpy.__version__)" || echo "numba not importable: fusion runs its Python loops"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_paths.py tests/models/test_mask_paste.py tests/models/test_pooler.py \
-  tests/models/test_predictor.py tests/test_device.py -k "not docks" 2>&1 | tee "$OUT/gpu_tests.txt"
+  tests/models/test_predictor.py tests/models/test_detection_nms.py tests/test_device.py -k "not docks" 2>&1 | tee "$OUT/gpu_tests.txt"
 timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_gpu.py "$@" 2>&1 | tee "$OUT/bench_gpu.txt"
 timeout ${NMS_TIMEOUT:-60} python3 benchmarks/bench_nms.py 2>&1 | tee "$OUT/bench_nms.txt"
 timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/profile_gpu.py 2>&1 | tee "$OUT/profile_gpu.txt"

@@ -90,3 +90,14 @@ def test_box_head_detections_equal_torchvision(arch):
         for g, w in zip(g_list, w_list):
             assert len(g) == 30
             assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extent", [3000.0, 120.0])
+def test_first_kept_on_cuda_equals_nms_on_all_boxes(extent):
+    """On CUDA a prefix of 2k boxes takes torchvision's coordinate-offset path where all the boxes take
+    its per-category loop: the same boxes still."""
+    boxes, scores, cats = (t.cuda() for t in random_boxes(30000, extent * 4, seed=5, categories=5))
+    want = box_ops.batched_nms(boxes, scores, cats, 0.7)[:3000]
+    got = first_kept(boxes, scores, cats, 0.7, 3000)
+    assert torch.equal(got, want)
