@@ -49,7 +49,7 @@ def first_kept(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     sorted_scores, order = torch.sort(scores, descending=True, stable=True)
     while m < n:
-        m = int(torch.searchsorted(-sorted_scores, -sorted_scores[m - 1], right=True))  # take the ties along
+        m = int((sorted_scores >= sorted_scores[m - 1]).sum())  # the ties of the last score along (sorted: a prefix)
         if m >= n:
             break
         head = order[:m]
