@@ -61,7 +61,8 @@ def crowded_proposals(n: int, cells: int, device: torch.device, seed: int = 0):
     jitter = torch.randn(n, 4, generator=g) * half[of].repeat(1, 2) * 0.08
     boxes = torch.cat([centre[of] - half[of], centre[of] + half[of]], 1) + jitter
     boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:] - 1), boxes[:, 2:]], 1)
-    return boxes.to(device), torch.randn(n, generator=g).to(device) * 3, torch.randint(0, 5, (n,), generator=g).to(device)
+    scores, levels = torch.randn(n, generator=g) * 3, torch.randint(0, 5, (n,), generator=g)
+    return boxes.to(device), scores.to(device), levels.to(device)
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:

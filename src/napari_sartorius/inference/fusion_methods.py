@@ -83,9 +83,10 @@ def cluster_wbf(b, key, w, src, iou_thr, conf_type, weights, allows_overflow):
     key-weighted mean of its members' boxes. Returns ``(assign, fused boxes, scores, reps)``.
 
     Inherently sequential (a cluster's box moves as members join), so it is a loop over the inputs
-    (compiled by numba where available, :mod:`.fusion_kernels`; else in Python), but each input is compared
-    only with the clusters registered in the grid buckets its box touches: a cluster is registered in every bucket of the hull of its members' boxes, and its box,
-    a weighted mean of those boxes, never leaves that hull; a cluster outside the buckets has IoU 0
+    (compiled by numba where available, :mod:`.fusion_kernels`; else in Python), but each input is
+    compared only with the clusters registered in the grid buckets its box touches: a cluster is
+    registered in every bucket of the hull of its members' boxes, and its box, a weighted mean of those
+    boxes, never leaves that hull; a cluster outside the buckets has IoU 0
     and cannot be chosen. IoUs and updates are the same float64 operations, in the same order, as a
     vectorised IoU against every cluster (``_cluster_wbf_dense``, kept for ``iou_thr < 0``, where a
     cluster of IoU 0 may be chosen): the results are identical.
