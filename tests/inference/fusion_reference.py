@@ -119,9 +119,11 @@ class ReferenceClusterAgreement:
         src: int ``(M,)`` source index of every candidate; scores: ``(M,)`` raw scores.
         source_weights: ``(S,)`` positive weight of each source.
         mask_threshold: probability at which masks are binarised.
+        table: ignored (``ClusterAgreement``'s table built by the caller; the reference binarises the crops
+            itself).
     """
 
-    def __init__(self, masks, origins, src, scores, source_weights, mask_threshold: float = 0.5):
+    def __init__(self, masks, origins, src, scores, source_weights, mask_threshold: float = 0.5, table=None):
         self.masks, self.origins = masks, origins
         self.src = np.asarray(src, np.int64)
         self.scores = np.asarray(scores, np.float64)

@@ -92,9 +92,9 @@ def sources(seed=0, n_sources=4, n=80, size=(120, 160)):
     return out
 
 
-def binary_table(rng, n, size=(80, 100), max_side=14):
-    """n random binarised crops (some empty, some full, many overlapping; the last 30 copies of the first
-    30) as a bool CropTable, with their areas and windows (xyxy)."""
+def crop_table_and_bits(rng, n, size=(80, 100), max_side=14):
+    """n random 0/1 crops (some empty, some full, many overlapping; the last 30 copies of the first 30):
+    their CropTable, its pixels binarised, the crops' areas and windows (xyxy)."""
     masks, origins = [], []
     for k in range(n - 30):
         h, w = rng.integers(1, max_side, 2)
@@ -104,21 +104,20 @@ def binary_table(rng, n, size=(80, 100), max_side=14):
     masks += [m.copy() for m in masks[:30]]
     origins += origins[:30]
     t = CropTable.from_crops(masks, origins)
-    t.flat = t.flat >= np.float32(0.5)
-    areas = np.array([int(t.crop(i).sum()) for i in range(n)], np.int64)
+    areas = np.array([int(m.sum()) for m in masks], np.int64)
     windows = np.stack([t.ox, t.oy, t.ox + t.ws, t.oy + t.hs], 1).astype(np.float64)
-    return t, areas, windows
+    return t, t.flat >= np.float32(0.5), areas, windows
 
 
 @pytest.mark.parametrize("iou_thr", [0.0, 0.2, 0.5, 0.9])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compiled_mask_nms_equals_the_python_loop(iou_thr, seed):
     rng = np.random.default_rng(seed)
-    table, areas, windows = binary_table(rng, 300)
+    table, bits, areas, windows = crop_table_and_bits(rng, 300)
     idx = np.concatenate([rng.permutation(270)[:220], np.arange(270, 300)])  # a subset (one class's), copies last
     key = np.sort(rng.random(250))[::-1]
-    got = cluster_mask_nms(idx, table, areas, windows[idx], key, iou_thr, compiled=True)
-    want = cluster_mask_nms(idx, table, areas, windows[idx], key, iou_thr, compiled=False)
+    got = cluster_mask_nms(idx, table, bits, areas, windows[idx], key, iou_thr, compiled=True)
+    want = cluster_mask_nms(idx, table, bits, areas, windows[idx], key, iou_thr, compiled=False)
     assert 0 < len(want[1]) < 250
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
@@ -127,9 +126,9 @@ def test_compiled_mask_nms_equals_the_python_loop(iou_thr, seed):
 def test_mask_nms_keeps_a_disjoint_crop_and_suppresses_a_copy():
     masks = [np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)]
     t = CropTable.from_crops(masks, [(0, 0), (0, 0), (10, 10)])
-    t.flat = t.flat >= np.float32(0.5)
     windows = np.stack([t.ox, t.oy, t.ox + t.ws, t.oy + t.hs], 1).astype(np.float64)
-    assign, kept = cluster_mask_nms(np.arange(3), t, np.full(3, 16), windows, np.array([0.9, 0.8, 0.7]), 0.5)
+    bits = t.flat >= np.float32(0.5)
+    assign, kept = cluster_mask_nms(np.arange(3), t, bits, np.full(3, 16), windows, np.array([0.9, 0.8, 0.7]), 0.5)
     assert kept.tolist() == [0, 2] and assign.tolist() == [0, 0, 1]
 
 

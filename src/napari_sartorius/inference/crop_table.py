@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["CropTable", "GroupMeans", "CHUNK_PIXELS", "pair_chunks", "row_segments", "average_groups", "count_intersections"]
+__all__ = ["CropTable", "GroupMeans", "CHUNK_PIXELS", "binarised", "pair_chunks", "row_segments", "average_groups",
+           "count_intersections"]
 
 #: Member pixels expanded at once (bounds the temporary index arrays: 8 bytes each).
 CHUNK_PIXELS = 1 << 18
@@ -35,8 +36,7 @@ CHUNK_PIXELS = 1 << 18
 
 @dataclass
 class CropTable:
-    """N crops flattened: ``flat`` float32 ``(P,)`` (bool for binarised crops) row-major pixels of every
-    crop, one after the other;
+    """N crops flattened: ``flat`` float32 ``(P,)`` row-major pixels of every crop, one after the other;
     ``starts`` int64 ``(N,)`` offset of each crop in ``flat``; ``hs``, ``ws`` int64 ``(N,)`` crop shape;
     ``oy``, ``ox`` int64 ``(N,)`` crop origin ``(y0, x0)`` in image pixels."""
 
@@ -67,6 +67,16 @@ class CropTable:
         """Crop ``i`` as a ``(h, w)`` view of ``flat``."""
         s = int(self.starts[i])
         return self.flat[s : s + int(self.hs[i] * self.ws[i])].reshape(int(self.hs[i]), int(self.ws[i]))
+
+
+def binarised(table: CropTable, threshold) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel of ``table`` at ``>= threshold`` (float32 comparison): bool ``(P,)`` laid out as
+    ``table.flat``, and int64 ``(N,)`` the pixels set in each crop (counted crop by crop: no large
+    temporary)."""
+    bits = table.flat >= np.float32(threshold)
+    starts, sizes = table.starts.tolist(), table.sizes.tolist()
+    areas = np.fromiter((np.count_nonzero(bits[s : s + n]) for s, n in zip(starts, sizes)), np.int64, len(sizes))
+    return bits, areas
 
 
 def pair_chunks(pixels: np.ndarray, budget: int = CHUNK_PIXELS) -> list[tuple[int, int]]:

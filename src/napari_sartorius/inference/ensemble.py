@@ -80,7 +80,7 @@ from .fusion_methods import (
     cluster_wbf,
     support_of_kept,
 )
-from .crop_table import CropTable, average_groups
+from .crop_table import CropTable, average_groups, binarised
 from .pairs import box_iou_pairs, mask_iou
 from .uncertainty import ClusterAgreement
 
@@ -175,21 +175,18 @@ def _fuse_soft_nms(c: _Candidates, r: np.ndarray, o: dict):
 
 
 def _fuse_mask_nms(c: _Candidates, r: np.ndarray, o: dict):
-    binary, areas, windows = o["_mask_nms_crops"]
-    assign, reps = cluster_mask_nms(r, binary, areas, windows[r], c.key[r], o["iou_thr"])
+    table, bits, areas, windows = o["_mask_nms_crops"]
+    assign, reps = cluster_mask_nms(r, table, bits, areas, windows[r], c.key[r], o["iou_thr"])
     return assign, c.boxes[r][reps], c.key[r][reps], reps, assign
 
 
-def _mask_nms_crops(c: _Candidates, mask_threshold: float):
-    """Every candidate's crop binarised at ``mask_threshold``: ``(table, areas, windows)``, a
-    :class:`~.crop_table.CropTable` with a bool ``flat``, int64 ``(M,)`` pixels set per crop, float64
+def _mask_nms_crops(table: CropTable, mask_threshold: float):
+    """The candidates' crops (``table``) binarised at ``mask_threshold``: ``(table, bits, areas, windows)``
+    with bool pixels and int64 ``(M,)`` pixels set per crop (:func:`~.crop_table.binarised`), and float64
     ``(M, 4)`` crop windows as xyxy boxes."""
-    table = CropTable.from_crops(c.masks, c.origins_arr)
-    table.flat = table.flat >= np.float32(mask_threshold)
-    ends = np.concatenate([[0], np.cumsum(table.flat, dtype=np.int64)])
-    areas = ends[table.starts + table.sizes] - ends[table.starts]
+    bits, areas = binarised(table, mask_threshold)
     windows = np.stack([table.ox, table.oy, table.ox + table.ws, table.oy + table.hs], 1).astype(np.float64)
-    return table, areas, windows
+    return table, bits, areas, windows
 
 
 _FUSERS: dict[str, Callable] = {
@@ -344,10 +341,14 @@ def fuse_instances(
         "soft_nms_method": soft_nms_method,
         "uncertainty": with_uncertainty,
     }
-    if method == "mask_nms":
-        options["_mask_nms_crops"] = _mask_nms_crops(c, mask_threshold)
+    # mask NMS and the uncertainty read the same flat table of every candidate's crop: built once
+    table = CropTable.from_crops(c.masks, c.origins_arr) if method == "mask_nms" else None
+    if table is not None:
+        options["_mask_nms_crops"] = _mask_nms_crops(table, mask_threshold)
     agreement = (
-        ClusterAgreement(c.masks, c.origins, c.src, c.scores, w_src, mask_threshold) if with_uncertainty else None
+        ClusterAgreement(c.masks, c.origins, c.src, c.scores, w_src, mask_threshold, table=table)
+        if with_uncertainty
+        else None
     )
     fuse_class = _FUSERS[method]
     out: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "masks": [], "origins": []}

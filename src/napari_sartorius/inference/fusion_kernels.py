@@ -155,8 +155,9 @@ def wbf_grid_loop(b, key, areas, query, reg, nx, ny, iou_thr):
 def mask_nms_loop(idx, flat, starts, hs, ws, oy, ox, areas, indptr, nbrs, iou_thr):
     """Greedy NMS on mask IoU over inputs ``0 .. n-1`` in visiting order.
 
-    ``idx`` (n,) maps a visiting position to a crop of the table ``flat`` (bool, the binarised crops
-    row-major one after the other), ``starts``, ``hs``, ``ws``, ``oy``, ``ox``, ``areas`` (int64, per crop:
+    ``idx`` (n,) maps a visiting position to a crop of ``flat`` (bool, the binarised crops row-major one
+    after the other, as a :class:`~.crop_table.CropTable`'s pixels), ``starts``, ``hs``, ``ws``, ``oy``,
+    ``ox``, ``areas`` (int64, per crop:
     offset in ``flat``, shape, origin in image pixels, pixels set); ``indptr`` / ``nbrs`` the candidate
     pairs (CSR over visiting positions: the pairs whose crop windows overlap). An input not yet suppressed
     suppresses every later neighbour whose mask IoU with it is above ``iou_thr``.

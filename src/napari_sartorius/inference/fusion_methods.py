@@ -334,35 +334,40 @@ def cluster_soft_nms(b, key, iou_thr, sigma, thresh, linear):
     return assign, b[kept], final[kept], kept
 
 
-def cluster_mask_nms(idx, binary: CropTable, areas, b_windows, key, iou_thr, compiled: bool | None = None):
-    """Greedy NMS on mask IoU; ``idx`` maps visiting position -> crop of ``binary`` (the binarised crops
-    of all candidates: :class:`~.crop_table.CropTable` with a bool ``flat``), ``areas`` int64 their pixels
-    set, ``b_windows`` the visited crops' windows as xyxy boxes (pairs whose windows overlap are compared).
-    ``compiled``: numba's loop (:func:`~.fusion_kernels.mask_nms_loop`, identical results) or the Python
-    loop, as :func:`_compiled` decides. Returns ``(assign, kept)``."""
+def cluster_mask_nms(idx, table: CropTable, bits, areas, b_windows, key, iou_thr, compiled: bool | None = None):
+    """Greedy NMS on mask IoU; ``idx`` maps visiting position -> crop of ``table`` (all candidates'
+    crops), ``bits`` bool the table's pixels binarised (laid out as ``table.flat``), ``areas`` int64 the
+    pixels set per crop, ``b_windows`` the visited crops' windows as xyxy boxes (pairs whose windows
+    overlap are compared). ``compiled``: numba's loop (:func:`~.fusion_kernels.mask_nms_loop`, identical
+    results) or the Python loop, as :func:`_compiled` decides. Returns ``(assign, kept)``."""
     n = len(idx)
     i, j, v = box_iou_pairs(b_windows, 0.0)
     indptr, nbrs, _ = csr(n, i, j, v)
     loop = _compiled("mask_nms_loop", n, compiled)
     if loop is not None:
-        t = binary
-        suppressed, owner = loop(np.asarray(idx, np.int64), t.flat, t.starts, t.hs, t.ws, t.oy, t.ox,
+        t = table
+        suppressed, owner = loop(np.asarray(idx, np.int64), bits, t.starts, t.hs, t.ws, t.oy, t.ox,
                                  np.asarray(areas, np.int64), indptr, nbrs, float(iou_thr))
     else:
-        suppressed, owner = _mask_nms_python(idx, binary, areas, indptr, nbrs, iou_thr)
+        suppressed, owner = _mask_nms_python(idx, table, bits, areas, indptr, nbrs, iou_thr)
     kept = np.flatnonzero(~suppressed)
     cluster_of = np.full(n, -1)
     cluster_of[kept] = np.arange(len(kept))
     return cluster_of[owner], kept
 
 
-def _mask_nms_python(idx, binary: CropTable, areas, indptr, nbrs, iou_thr):
+def _mask_nms_python(idx, table: CropTable, bits, areas, indptr, nbrs, iou_thr):
     """The loop of :func:`cluster_mask_nms` in Python: ``(suppressed, owner)``."""
     n = len(idx)
     suppressed = np.zeros(n, bool)
     owner = np.arange(n)
-    origins = np.stack([binary.oy, binary.ox], 1).tolist()
+    origins = np.stack([table.oy, table.ox], 1).tolist()
+    starts, hs, ws = table.starts.tolist(), table.hs.tolist(), table.ws.tolist()
     areas = np.asarray(areas).tolist()
+
+    def crop(i: int) -> np.ndarray:
+        return bits[starts[i] : starts[i] + hs[i] * ws[i]].reshape(hs[i], ws[i])
+
     for k in range(n):
         if suppressed[k]:
             continue
@@ -371,10 +376,10 @@ def _mask_nms_python(idx, binary: CropTable, areas, indptr, nbrs, iou_thr):
         if not nb.size:
             continue
         a = idx[k]
-        crop_a = binary.crop(a)
+        crop_a = crop(a)
         for m in nb.tolist():
             c = idx[m]
-            if crop_iou(crop_a, origins[a], areas[a], binary.crop(c), origins[c], areas[c]) > iou_thr:
+            if crop_iou(crop_a, origins[a], areas[a], crop(c), origins[c], areas[c]) > iou_thr:
                 suppressed[m] = True
                 owner[m] = k
     return suppressed, owner

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .crop_table import CropTable, count_intersections
+from .crop_table import CropTable, binarised, count_intersections
 
 __all__ = [
     "MATCH_IOU",
@@ -119,14 +119,8 @@ class ClusterAgreement:
     @property
     def areas(self) -> np.ndarray:
         """int64 ``(M,)`` pixels of every candidate's crop at ``>=`` the mask threshold."""
-        if self._areas is None:
-            # every candidate binarised in one pass; areas counted crop by crop (no large temporary)
-            t = self.table
-            self._bits = t.flat >= self.thr
-            bits, starts, sizes = self._bits, t.starts.tolist(), t.sizes.tolist()
-            self._areas = np.fromiter(
-                (np.count_nonzero(bits[s : s + n]) for s, n in zip(starts, sizes)), np.int64, len(sizes)
-            )
+        if self._areas is None:  # every candidate binarised in one pass
+            self._bits, self._areas = binarised(self.table, self.thr)
         return self._areas
 
     def add(self, crop: np.ndarray, origin, members: Sequence[int]) -> None:
