@@ -45,21 +45,20 @@ def first_kept(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     m = 2 * k
-    if n <= m:
-        return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
-    sorted_scores, order = torch.sort(scores, descending=True, stable=True)
-    while m < n:
-        m = int((sorted_scores >= sorted_scores[m - 1]).sum())  # the ties of the last score along (sorted: a prefix)
-        if m >= n:
-            break
-        head = order[:m]
-        keep = box_ops.batched_nms(boxes[head], scores[head], idxs[head], iou_threshold)
-        kept = keep.numel()
-        if kept >= k:
-            return head[keep[:k]]
-        # not enough survive: a prefix long enough at this survival rate, with a margin, at least twice as long
-        m = max(2 * m, math.ceil(1.25 * k * m / max(kept, 1)))
-    return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
+    if n > m:
+        sorted_scores, order = torch.sort(scores, descending=True, stable=True)
+        while m < n:
+            m = int((sorted_scores >= sorted_scores[m - 1]).sum())  # the last score's ties along (a prefix)
+            if m >= n:
+                break
+            head = order[:m]
+            keep = box_ops.batched_nms(boxes[head], scores[head], idxs[head], iou_threshold)
+            kept = keep.numel()
+            if kept >= k:
+                return head[keep[:k]]
+            # too few survive: a prefix long enough at this survival rate, with a margin, at least twice as long
+            m = max(2 * m, math.ceil(1.25 * k * m / max(kept, 1)))
+    return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]  # all of them
 
 
 def select_detections(
@@ -78,9 +77,9 @@ def select_detections(
     num_fg = scores.shape[1]
     labels = torch.arange(1, num_fg + 1, device=scores.device).view(1, -1).expand_as(scores)
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = torch.where(scores > score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    # the score threshold and torchvision's remove_small_boxes(min_size=1e-2) as one mask: one wait for the device
+    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = torch.where((scores > score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = first_kept(boxes, scores, labels, nms_thresh, detections_per_img)
     return boxes[keep], scores[keep], labels[keep]
