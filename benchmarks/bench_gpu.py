@@ -175,9 +175,7 @@ def cli_run(engine, images, device: str, batch: int, workers: int) -> tuple[floa
 def fusion_loops() -> str:
     """Whether fusion ran numba's compiled loops (a 3 x 4 run has over 2,000 candidates per class) or the
     Python ones (numba missing here)."""
-    import sys as _sys
-
-    kernels = _sys.modules.get("napari_sartorius.inference.fusion_kernels")
+    kernels = sys.modules.get("napari_sartorius.inference.fusion_kernels")
     if kernels is None:
         return "Python (numba not importable here, or too few candidates to load it)"
     return f"compiled (numba {kernels.numba.__version__})"
